@@ -1,0 +1,228 @@
+"""The Phi-3 decoder with su-scaled (LongRoPE) rotary embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+from .config import ModelConfig
+
+
+class RopeHistory:
+    """The last entry of a prompt cache: which rotary factors the cached keys use.
+
+    The official code rotates every position of a forward with the long factors once the sequence
+    is longer than ``original_max_position_embeddings`` and with the short ones otherwise. When a
+    cached sequence moves across that threshold, the keys are recomputed with the other factor set;
+    for that this entry keeps the input embeddings of the first ``limit`` positions (a rebuild never
+    needs more). ``expected`` announces the full length of a prompt whose prefill is chunked, so
+    that every chunk already uses the factors of the whole prompt.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.inputs: mx.array | None = None
+        self.offset = 0
+        self.long = False
+        self.expected = 0
+
+    def append(self, embeddings: mx.array) -> None:
+        kept = 0 if self.inputs is None else self.inputs.shape[1]
+        room = self.limit - kept
+        if room > 0:
+            new = embeddings[:, :room]
+            self.inputs = new if self.inputs is None else mx.concatenate([self.inputs, new], 1)
+        self.offset += embeddings.shape[1]
+
+    def clear(self) -> None:
+        self.inputs, self.offset, self.expected = None, 0, 0
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.inputs is None else [self.inputs]
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        self.expected = 0
+        if self.inputs is not None and self.inputs.shape[1] > self.offset:
+            self.inputs = self.inputs[:, : self.offset] if self.offset else None
+        return n
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.inputs is None else self.inputs.nbytes
+
+
+def _emptied(cache: Any) -> Any:
+    """The same kind of layer cache, holding nothing."""
+    if cache.is_trimmable():
+        cache.trim(cache.offset)
+        return cache
+    if isinstance(cache, RotatingKVCache):
+        return RotatingKVCache(max_size=cache.max_size, keep=cache.keep)
+    raise ValueError(f"cannot rebuild a {type(cache).__name__} across the rope threshold")
+
+
+class SuScaledRope:
+    """Rotary frequencies for short and long sequences, and the threshold between them."""
+
+    def __init__(self, config: ModelConfig):
+        dims = config.head_dim
+        base = config.rope_theta ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+        scaling = config.rope_scaling
+        short = scaling.short_factor if scaling else 1.0
+        long = scaling.long_factor if scaling else 1.0
+        self.dims = dims
+        self.short = mx.array(short, dtype=mx.float32) * base
+        self.long = mx.array(long, dtype=mx.float32) * base
+        self.threshold = config.original_max_position_embeddings if scaling else None
+
+    def is_long(self, length: int) -> bool:
+        return self.threshold is not None and length > self.threshold
+
+    def __call__(self, x: mx.array, offset: int, long: bool) -> mx.array:
+        return mx.fast.rope(
+            x,
+            self.dims,
+            traditional=False,
+            base=None,
+            scale=1.0,
+            offset=offset,
+            freqs=self.long if long else self.short,
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, rope: SuScaledRope):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        # su scaling multiplies cos and sin by mscale for queries and keys: mscale^2 on the scores.
+        self.scale = config.rope_mscale**2 / self.head_dim**0.5
+        width = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.rope = rope
+
+    def __call__(self, x: mx.array, mask: Any, cache: Any, offset: int, long: bool) -> mx.array:
+        B, L, _ = x.shape
+        q_end = self.n_heads * self.head_dim
+        q, k, v = mx.split(self.qkv_proj(x), [q_end, q_end + self.n_kv_heads * self.head_dim], -1)
+        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = self.rope(q, offset, long)
+        k = self.rope(k, offset, long)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(swiglu(gate, up))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rope: SuScaledRope):
+        super().__init__()
+        self.self_attn = Attention(config, rope)
+        self.mlp = MLP(config)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: Any, cache: Any, offset: int, long: bool) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), mask, cache, offset, long)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LanguageModel(nn.Module):
+    """Token embeddings, the Phi-3 decoder layers, the final norm and the LM head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.rope = SuScaledRope(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config, self.rope) for _ in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        """Embeddings of token ids; negative ids (image slots) read row 0 until filled."""
+        return self.embed_tokens(mx.maximum(input_ids, 0))
+
+    def make_cache(self, max_kv_size: int | None = None) -> list[Any]:
+        """Per-layer KV caches followed by the :class:`RopeHistory` entry."""
+        if max_kv_size is None:
+            layers = [KVCache() for _ in self.layers]
+        else:
+            layers = [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in self.layers]
+        return layers + [RopeHistory(self.config.original_max_position_embeddings)]
+
+    def _prepare(self, h: mx.array, cache: list[Any] | None) -> tuple[mx.array, int, bool]:
+        """Pick the rotary factors of this forward and rebuild the cache if they changed."""
+        if not cache:
+            return h, 0, self.rope.is_long(h.shape[1])
+        history = cache[-1] if isinstance(cache[-1], RopeHistory) else None
+        offset = cache[0].offset
+        length = offset + h.shape[1]
+        if history is None:
+            long = self.rope.is_long(length)
+            if long and 0 < offset and not self.rope.is_long(offset):
+                raise ValueError(
+                    "this cache crosses original_max_position_embeddings and cannot be rebuilt "
+                    "with the long rope factors: create it with model.make_cache()"
+                )
+            return h, offset, long
+        long = self.rope.is_long(max(length, history.expected))
+        new = h
+        if offset and long != history.long:
+            h = mx.concatenate([history.inputs.astype(h.dtype), h], axis=1)
+            for i in range(len(cache) - 1):
+                cache[i] = _emptied(cache[i])
+            offset = 0
+        history.append(new)
+        history.long = long
+        return h, offset, long
+
+    def hidden(self, embeddings: mx.array, cache: list[Any] | None = None) -> mx.array:
+        """Final-norm hidden states [B, L, hidden] of input embeddings [B, L, hidden].
+
+        With a cache that had to be rebuilt, the output covers the re-fed positions too; the
+        last ``L`` rows always belong to the given embeddings.
+        """
+        h, offset, long = self._prepare(embeddings, cache)
+        layer_caches = cache[: len(self.layers)] if cache else [None] * len(self.layers)
+        mask = create_attention_mask(h, layer_caches[0])
+        for layer, layer_cache in zip(self.layers, layer_caches):
+            h = layer(h, mask, layer_cache, offset, long)
+        return self.norm(h)
+
+    def __call__(self, embeddings: mx.array, cache: list[Any] | None = None) -> mx.array:
+        """Logits [B, L, vocab] for input embeddings [B, L, hidden]."""
+        h = self.hidden(embeddings, cache)[:, -embeddings.shape[1] :]
+        return self.lm_head(h)

@@ -1,0 +1,181 @@
+"""Load a Phi-3-Vision checkpoint (Hugging Face or MLX layout) lazily into a :class:`Model`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig
+from .model import Model
+from .processor import Processor
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+class LoadError(ValueError):
+    """A checkpoint that cannot be loaded."""
+
+
+def resolve(path_or_repo: str | Path) -> Path:
+    """A local folder as is; anything else is a Hugging Face Hub id, downloaded once."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LoadError(f"{path} is not a folder")
+        return path
+    text = str(path_or_repo)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise LoadError(f"no model folder at {path_or_repo}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(f"cannot download {text} from the Hugging Face Hub: {first}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors shards, following ``model.safetensors.index.json`` when present."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LoadError(f"{index} is malformed: {e}") from None
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not (path / name).is_file():
+                raise LoadError(f"missing weight file {path / name} (listed in {index.name})")
+        return [path / name for name in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"no *.safetensors weights in {path}")
+    return files
+
+
+def read_weights(files: list[Path]) -> dict[str, mx.array]:
+    """All tensors of the shards, memory-mapped and not yet read."""
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        _check_shard(file)
+        try:
+            weights.update(mx.load(str(file)))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise LoadError(f"cannot read {file}: {e}") from None
+    return weights
+
+
+def _check_shard(file: Path) -> None:
+    """Refuse a truncated or corrupt safetensors file before anything reads it."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LoadError(f"{file} is truncated or not a safetensors file")
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            raise LoadError(f"{file} is truncated or not a safetensors file")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LoadError(f"{file} has a corrupt header") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if 8 + header_len + max(ends, default=0) > size:
+        raise LoadError(f"{file} is truncated: it holds {size} bytes, its header describes more")
+
+
+def quantize_like_checkpoint(model: nn.Module, quantization: dict[str, Any], weights: dict) -> None:
+    """Turn the layers the checkpoint stores quantized (those with ``scales``) into quantized ones."""
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights:
+            return False
+        own = quantization.get(path)
+        if isinstance(own, dict):
+            return {"group_size": own["group_size"], "bits": own["bits"]}
+        return True
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        class_predicate=predicate,
+    )
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array], where: Path) -> None:
+    """One clear error for a missing, unexpected or mis-shaped tensor."""
+    expected = dict(tree_flatten(model.parameters()))
+    for name in sorted(expected):
+        if name not in weights:
+            raise LoadError(f"checkpoint {where} lacks tensor {name!r}")
+    for name in sorted(weights):
+        if name not in expected:
+            raise LoadError(f"checkpoint {where} has an unexpected tensor {name!r}")
+        if tuple(weights[name].shape) != tuple(expected[name].shape):
+            raise LoadError(
+                f"tensor {name!r} in {where} has shape {list(weights[name].shape)}, "
+                f"the model expects {list(expected[name].shape)}"
+            )
+
+
+def load_model(path: Path, dtype: str | None = None, lazy: bool = False) -> Model:
+    """The model of a local checkpoint folder, its weights cast to ``dtype`` if given."""
+    config = ModelConfig.from_file(path)
+    model = Model(config)
+    weights = model.sanitize(read_weights(weight_files(path)))
+    if config.quantization:
+        quantize_like_checkpoint(model, config.quantization, weights)
+    check_weights(model, weights, path)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise LoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        target = DTYPES[dtype]
+        weights = {
+            k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
+    model.load_weights(list(weights.items()), strict=False)
+    model.eval()
+    if not lazy:
+        mx.eval(model.parameters())
+    return model
+
+
+def load_tokenizer(path: Path, eos_token_ids: list[int]) -> Any:
+    """mlx-lm's tokenizer wrapper around the checkpoint's ``tokenizer.json``, no remote code."""
+    from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not (path / "tokenizer.json").is_file():
+        raise LoadError(f"no tokenizer.json in {path}")
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return load_mlx_tokenizer(
+            path, tokenizer_config_extra={"trust_remote_code": False}, eos_token_ids=eos_token_ids
+        )
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def load(
+    path_or_repo: str | Path, dtype: str | None = None, lazy: bool = False
+) -> tuple[Model, Processor]:
+    """A model and its processor from a local folder or a Hugging Face Hub id.
+
+    The checkpoint dtype is kept unless ``dtype`` ("float32", "float16", "bfloat16") is given.
+    """
+    path = resolve(path_or_repo)
+    model = load_model(path, dtype, lazy)
+    stop = sorted({*model.config.eos_token_ids, 2, 32000, 32007})
+    processor = Processor.from_folder(path, load_tokenizer(path, stop))
+    return model, processor

@@ -1,0 +1,301 @@
+"""Images and prompts to model inputs, exactly as the official Phi-3-Vision processor makes them."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image, ImageOps
+
+CROP = 336
+IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] "
+    "+ '<|end|>\n' }}{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != "
+    "'assistant' %}{{- '<|assistant|>\n' -}}{% endif %}"
+)
+
+ImageInput = Union[Image.Image, str, Path, bytes, np.ndarray]
+
+
+class ImageError(ValueError):
+    """An image that cannot be used."""
+
+
+class PromptError(ValueError):
+    """A prompt whose image tags do not match the images given."""
+
+
+def _describe(source: Any, index: int) -> str:
+    if isinstance(source, (str, Path)):
+        return f"image {index + 1} ({source})"
+    return f"image {index + 1} ({type(source).__name__})"
+
+
+def load_image(
+    source: ImageInput, index: int = 0, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """An RGB PIL image from a PIL image, a path, encoded bytes or an HWC uint8 array.
+
+    Files and bytes get their EXIF orientation applied; a PIL image is used as given.
+    """
+    name = _describe(source, index)
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, np.ndarray):
+        image = _from_array(source, name)
+    elif isinstance(source, (str, Path, bytes, bytearray)):
+        image = _open(source, name)
+    else:
+        raise ImageError(f"{name}: unsupported image type {type(source).__name__}")
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ImageError(f"{name} is empty ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(f"{name} has {width}x{height} pixels, over the limit of {max_pixels}")
+    try:
+        return image.convert("RGB")
+    except OSError as e:
+        raise ImageError(f"{name} cannot be decoded: {e}") from None
+
+
+def _from_array(array: np.ndarray, name: str) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise ImageError(f"{name}: arrays must be uint8, got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        return Image.fromarray(array, "L")
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        return Image.fromarray(array, "RGB" if array.shape[2] == 3 else "RGBA")
+    raise ImageError(
+        f"{name}: arrays must be HxW or HxWxC with C in 1, 3, 4; got shape {array.shape}"
+    )
+
+
+def _open(source: str | Path | bytes | bytearray, name: str) -> Image.Image:
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ImageError(f"{name}: no such file")
+        data = path
+    else:
+        data = io.BytesIO(bytes(source))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(data)
+            image.load()
+        return ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name} is too large: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name} cannot be read: {e}") from None
+
+
+def hd_size(width: int, height: int, num_crops: int) -> tuple[int, int, bool]:
+    """Resized (width, height) of the HD transform, and whether the image was transposed."""
+    transposed = width < height
+    if transposed:
+        width, height = height, width
+    ratio = width / height
+    scale = 1
+    while scale * math.ceil(scale / ratio) <= num_crops:
+        scale += 1
+    scale -= 1
+    new_w = int(scale * CROP)
+    return new_w, max(1, int(new_w / ratio)), transposed
+
+
+def hd_image(image: Image.Image, num_crops: int) -> Image.Image:
+    """Resize to a grid of at most ``num_crops`` 336-px crops and pad the height with white."""
+    width, height = image.size
+    new_w, new_h, transposed = hd_size(width, height, num_crops)
+    if transposed:
+        image = image.transpose(Image.Transpose.TRANSPOSE)
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    target = math.ceil(new_h / CROP) * CROP
+    top = int((target - new_h) / 2)
+    padded = Image.new("RGB", (new_w, target), (255, 255, 255))
+    padded.paste(image, (0, top))
+    if transposed:
+        padded = padded.transpose(Image.Transpose.TRANSPOSE)
+    return padded
+
+
+def num_image_tokens(height: int, width: int, tokens_per_crop: int = 144) -> int:
+    """Prompt slots of one image whose padded HD size is (height, width)."""
+    rows, cols = height // CROP, width // CROP
+    side = math.isqrt(tokens_per_crop)
+    return (rows * cols + 1) * tokens_per_crop + 1 + (rows + 1) * side
+
+
+def _cubic_weights(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] matrix of bicubic (a = -0.75, align_corners False, edge clamp) interpolation."""
+    a = -0.75
+    src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+    base = np.floor(src)
+    t = src - base
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    taps = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+    index = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3), 0, in_size - 1)
+    weights = np.zeros((out_size, in_size))
+    np.add.at(weights, (np.repeat(np.arange(out_size), 4), index.ravel()), taps.ravel())
+    return weights
+
+
+def global_view(hd: np.ndarray) -> np.ndarray:
+    """The normalized HD image [H, W, 3] resized to [336, 336, 3] as torch's bicubic does."""
+    rows = _cubic_weights(hd.shape[0], CROP)
+    cols = _cubic_weights(hd.shape[1], CROP)
+    out = np.einsum("oh,hwc,pw->opc", rows, hd.astype(np.float64), cols, optimize=True)
+    return out.astype(np.float32)
+
+
+@dataclass
+class ImageInputs:
+    """Crops of all images (global view first for each) and each image's padded size."""
+
+    pixel_values: np.ndarray  # [crops, 336, 336, 3] float32
+    image_sizes: list[tuple[int, int]]
+    num_tokens: list[int]
+
+
+class Processor:
+    """``processor(prompt, images, num_crops)`` gives ``input_ids``, ``pixel_values``, ``image_sizes``."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        num_crops: int = 4,
+        num_img_tokens: int = 144,
+        image_mean: Sequence[float] = CLIP_MEAN,
+        image_std: Sequence[float] = CLIP_STD,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
+        self.tokenizer = tokenizer
+        self.num_crops = num_crops
+        self.num_img_tokens = num_img_tokens
+        self.mean = np.asarray(image_mean, dtype=np.float32)
+        self.std = np.asarray(image_std, dtype=np.float32)
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def from_folder(cls, path: str | Path, tokenizer: Any) -> Processor:
+        """Settings from ``preprocessor_config.json`` (defaults when absent)."""
+        file = Path(path) / "preprocessor_config.json"
+        settings = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        return cls(
+            tokenizer,
+            num_crops=int(settings.get("num_crops", 4)),
+            num_img_tokens=int(settings.get("num_img_tokens", 144)),
+            image_mean=settings.get("image_mean", CLIP_MEAN),
+            image_std=settings.get("image_std", CLIP_STD),
+        )
+
+    def preprocess(self, images: Sequence[ImageInput], num_crops: int | None = None) -> ImageInputs:
+        """Images to crops: the HD transform, CLIP normalization, the global view, 336-px tiles."""
+        num_crops = self.num_crops if num_crops is None else int(num_crops)
+        if num_crops < 1:
+            raise ValueError(f"num_crops must be at least 1, got {num_crops}")
+        crops, sizes, counts = [], [], []
+        for i, source in enumerate(images):
+            image = load_image(source, i, self.max_pixels)
+            hd = np.asarray(hd_image(image, num_crops), dtype=np.float32) / np.float32(255)
+            hd = (hd - self.mean) / self.std
+            height, width = hd.shape[:2]
+            rows, cols = height // CROP, width // CROP
+            tiles = hd.reshape(rows, CROP, cols, CROP, 3).transpose(0, 2, 1, 3, 4)
+            crops.append(global_view(hd)[None])
+            crops.append(tiles.reshape(rows * cols, CROP, CROP, 3))
+            sizes.append((height, width))
+            counts.append(num_image_tokens(height, width, self.num_img_tokens))
+        pixels = np.concatenate(crops) if crops else np.zeros((0, CROP, CROP, 3), np.float32)
+        return ImageInputs(pixels, sizes, counts)
+
+    def tokenize(self, prompt: str, num_tokens: Sequence[int]) -> list[int]:
+        """Prompt ids: each text chunk tokenized on its own (with BOS), ``<|image_k|>`` as -k slots."""
+        tags = [int(k) for k in IMAGE_TAG.findall(prompt)]
+        missing = sorted({k for k in tags if not 1 <= k <= len(num_tokens)})
+        if missing:
+            raise PromptError(
+                f"the prompt names <|image_{missing[0]}|> but {len(num_tokens)} image(s) were given"
+            )
+        unused = sorted(set(range(1, len(num_tokens) + 1)) - set(tags))
+        if unused:
+            raise PromptError(
+                f"image {unused[0]} is given but the prompt has no <|image_{unused[0]}|> tag"
+            )
+        ids: list[int] = []
+        for i, chunk in enumerate(IMAGE_TAG.split(prompt)[::2]):
+            if i:
+                k = tags[i - 1]
+                ids.extend([-k] * num_tokens[k - 1])
+            ids.extend(self.tokenizer.encode(chunk))
+        return ids
+
+    def __call__(
+        self,
+        prompt: str,
+        images: Sequence[ImageInput] | ImageInput | None = None,
+        num_crops: int | None = None,
+    ) -> dict[str, mx.array | None]:
+        """Model inputs for a prompt (already in chat format) and the images its tags name."""
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        pre = self.preprocess(images, num_crops)
+        ids = self.tokenize(prompt, pre.num_tokens)
+        return {
+            "input_ids": mx.array([ids], dtype=mx.int32),
+            "pixel_values": mx.array(pre.pixel_values) if images else None,
+            "image_sizes": mx.array(pre.image_sizes, dtype=mx.int32) if images else None,
+        }
+
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """The conversation in the official chat format; image parts become ``<|image_k|>`` tags
+        numbered across the whole conversation."""
+        rendered, count = [], 0
+        for message in messages:
+            content = message.get("content", "")
+            if not isinstance(content, str):
+                text = []
+                for part in content:
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind == "text":
+                        text.append(part.get("text", ""))
+                    elif kind in ("image", "image_url"):
+                        count += 1
+                        text.append(f"<|image_{count}|>\n")
+                    else:
+                        raise PromptError(f"unknown message part {part!r}")
+                content = "".join(text)
+            rendered.append({"role": message["role"], "content": content})
+        template = getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE
+        return self.tokenizer.apply_chat_template(
+            rendered,
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+        )
