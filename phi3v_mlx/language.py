@@ -218,11 +218,13 @@ class LanguageModel(nn.Module):
         h, offset, long = self._prepare(embeddings, cache)
         layer_caches = cache[: len(self.layers)] if cache else [None] * len(self.layers)
         mask = create_attention_mask(h, layer_caches[0])
-        for layer, layer_cache in zip(self.layers, layer_caches):
+        for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
             h = layer(h, mask, layer_cache, offset, long)
         return self.norm(h)
 
-    def __call__(self, embeddings: mx.array, cache: list[Any] | None = None) -> mx.array:
-        """Logits [B, L, vocab] for input embeddings [B, L, hidden]."""
-        h = self.hidden(embeddings, cache)[:, -embeddings.shape[1] :]
+    def __call__(
+        self, embeddings: mx.array, cache: list[Any] | None = None, last_only: bool = False
+    ) -> mx.array:
+        """Logits [B, L, vocab] for input embeddings [B, L, hidden] (L = 1 with ``last_only``)."""
+        h = self.hidden(embeddings, cache)[:, -1 if last_only else -embeddings.shape[1] :]
         return self.lm_head(h)

@@ -93,7 +93,7 @@ def _check_shard(file: Path) -> None:
 
 
 def quantize_like_checkpoint(model: nn.Module, quantization: dict[str, Any], weights: dict) -> None:
-    """Turn the layers the checkpoint stores quantized (those with ``scales``) into quantized ones."""
+    """Quantize the layers the checkpoint stores quantized (those with ``scales``)."""
 
     def predicate(path: str, module: nn.Module):
         if f"{path}.scales" not in weights:

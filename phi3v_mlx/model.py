@@ -68,11 +68,13 @@ class Model(nn.Module):
         for start, length, k in runs:
             if k >= len(image_embeds):
                 raise ValueError(
-                    f"the prompt has slots for image {k + 1} but {len(image_embeds)} image(s) were given"
+                    f"the prompt has slots for image {k + 1} "
+                    f"but {len(image_embeds)} image(s) were given"
                 )
             if length != len(image_embeds[k]):
                 raise ValueError(
-                    f"image {k + 1} fills {len(image_embeds[k])} slots but the prompt has a run of {length}"
+                    f"image {k + 1} fills {len(image_embeds[k])} slots "
+                    f"but the prompt has a run of {length}"
                 )
             index[start : start + length] = len(ids) + offsets[k] + np.arange(length)
         table = mx.concatenate([text[0], *(e.astype(text.dtype) for e in image_embeds)], axis=0)

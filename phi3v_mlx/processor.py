@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -27,7 +27,7 @@ CHAT_TEMPLATE = (
     "'assistant' %}{{- '<|assistant|>\n' -}}{% endif %}"
 )
 
-ImageInput = Union[Image.Image, str, Path, bytes, np.ndarray]
+ImageInput = Image.Image | str | Path | bytes | np.ndarray
 
 
 class ImageError(ValueError):
@@ -180,7 +180,7 @@ class ImageInputs:
 
 
 class Processor:
-    """``processor(prompt, images, num_crops)`` gives ``input_ids``, ``pixel_values``, ``image_sizes``."""
+    """Prompts and images to ``input_ids``, ``pixel_values`` and ``image_sizes``."""
 
     def __init__(
         self,
@@ -232,7 +232,7 @@ class Processor:
         return ImageInputs(pixels, sizes, counts)
 
     def tokenize(self, prompt: str, num_tokens: Sequence[int]) -> list[int]:
-        """Prompt ids: each text chunk tokenized on its own (with BOS), ``<|image_k|>`` as -k slots."""
+        """Prompt ids: each text chunk tokenized alone (with BOS), ``<|image_k|>`` as -k slots."""
         tags = [int(k) for k in IMAGE_TAG.findall(prompt)]
         missing = sorted({k for k in tags if not 1 <= k <= len(num_tokens)})
         if missing:

@@ -167,8 +167,8 @@ class VisionEncoder(nn.Module):
     ) -> list[mx.array]:
         """Per image, its projected embeddings [num_img_tokens, hidden].
 
-        ``pixel_values`` holds the real crops of all images, [n, 336, 336, 3]: for each image its
-        global view, then its HD crops row-major; ``image_sizes`` the padded (height, width) of each.
+        ``pixel_values`` holds the real crops of all images, [n, 336, 336, 3]: per image its global
+        view, then its HD crops row-major; ``image_sizes`` the padded (height, width) of each.
         """
         grids = [(int(h) // CROP, int(w) // CROP) for h, w in image_sizes]
         counts = [rows * cols + 1 for rows, cols in grids]
@@ -179,7 +179,7 @@ class VisionEncoder(nn.Module):
             )
         features = self.crop_features(pixel_values)
         arranged, start = [], 0
-        for (rows, cols), count in zip(grids, counts):
+        for (rows, cols), count in zip(grids, counts, strict=True):
             arranged.append(self.arrange(features[start : start + count], rows, cols))
             start += count
         projected = self.projection(mx.concatenate(arranged, axis=0))
