@@ -1,9 +1,21 @@
 """Phi-3-Vision and Phi-3.5-Vision in MLX."""
 
 from .config import ModelConfig
+from .generate import GenerationChunk, GenerationResult, generate, stream_generate
 from .loader import load
 from .model import Model
 from .processor import Processor
+from .session import ChatSession
 
-__all__ = ["Model", "ModelConfig", "Processor", "load"]
+__all__ = [
+    "ChatSession",
+    "GenerationChunk",
+    "GenerationResult",
+    "Model",
+    "ModelConfig",
+    "Processor",
+    "generate",
+    "load",
+    "stream_generate",
+]
 __version__ = "0.1.0"

@@ -52,20 +52,18 @@ class Model(nn.Module):
         sizes = np.asarray(image_sizes).reshape(-1, 2).tolist()
         return self.vision(mx.array(pixel_values), sizes)
 
-    def merge(self, input_ids: mx.array, image_embeds: Sequence[mx.array]) -> mx.array:
-        """Input embeddings [1, T, hidden]: tokens embedded, slots of image k filled by image k."""
+    def merge(
+        self, input_ids: mx.array, image_embeds: Sequence[mx.array], start: int = 0
+    ) -> mx.array:
+        """Input embeddings [1, T - start, hidden] of positions ``start``.. of a prompt: tokens
+        embedded, the slots of image k filled by image k's embeddings."""
         ids = np.asarray(input_ids).reshape(-1)
-        text = self.language.embed(mx.array(ids[None]))
         runs = image_slots(ids)
-        if not runs:
-            if len(image_embeds):
-                raise ValueError(
-                    f"{len(image_embeds)} image(s) given but the prompt has no image slots"
-                )
-            return text
-        offsets = np.cumsum([0] + [len(e) for e in image_embeds])
-        index = np.arange(len(ids))
-        for start, length, k in runs:
+        if image_embeds and not runs:
+            raise ValueError(
+                f"{len(image_embeds)} image(s) given but the prompt has no image slots"
+            )
+        for _, length, k in runs:
             if k >= len(image_embeds):
                 raise ValueError(
                     f"the prompt has slots for image {k + 1} "
@@ -76,9 +74,20 @@ class Model(nn.Module):
                     f"image {k + 1} fills {len(image_embeds[k])} slots "
                     f"but the prompt has a run of {length}"
                 )
-            index[start : start + length] = len(ids) + offsets[k] + np.arange(length)
-        table = mx.concatenate([text[0], *(e.astype(text.dtype) for e in image_embeds)], axis=0)
-        return table[mx.array(index)][None]
+        text = self.language.embed(mx.array(ids[None, start:]))
+        runs = [(b - start, n, k) for b, n, k in runs if b + n > start]
+        if not runs:
+            return text
+        used = sorted({k for _, _, k in runs})
+        sizes = [len(ids) - start] + [len(image_embeds[k]) for k in used]
+        rows = dict(zip(used, np.cumsum(sizes)[:-1].tolist(), strict=True))
+        index = np.arange(len(ids) - start)
+        for begin, length, k in runs:
+            slots = np.arange(begin, begin + length)
+            keep = slots >= 0
+            index[slots[keep]] = rows[k] + np.arange(length)[keep]
+        parts = [text[0], *(image_embeds[k].astype(text.dtype) for k in used)]
+        return mx.concatenate(parts, axis=0)[mx.array(index)][None]
 
     def embed(self, input_ids: Any, pixel_values: Any = None, image_sizes: Any = None) -> mx.array:
         """Input embeddings [1, T, hidden] for a prompt and its images."""
