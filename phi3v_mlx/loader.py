@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +128,17 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], where: Path) -
             )
 
 
-def load_model(path: Path, dtype: str | None = None, lazy: bool = False) -> Model:
-    """The model of a local checkpoint folder, its weights cast to ``dtype`` if given."""
+def load_model(
+    path: Path,
+    dtype: str | None = None,
+    lazy: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Model:
+    """The model of a local checkpoint folder, its weights cast to ``dtype`` if given.
+
+    Unless ``lazy``, the weights are read now, one tensor at a time; ``progress(done, total)``
+    hears of each in bytes.
+    """
     config = ModelConfig.from_file(path)
     model = Model(config)
     weights = model.sanitize(read_weights(weight_files(path)))
@@ -146,7 +156,13 @@ def load_model(path: Path, dtype: str | None = None, lazy: bool = False) -> Mode
     model.load_weights(list(weights.items()), strict=False)
     model.eval()
     if not lazy:
-        mx.eval(model.parameters())
+        tensors = [v for _, v in tree_flatten(model.parameters())]
+        total, done = sum(v.nbytes for v in tensors), 0
+        for tensor in tensors:
+            mx.eval(tensor)
+            done += tensor.nbytes
+            if progress is not None:
+                progress(done, total)
     return model
 
 
@@ -168,14 +184,17 @@ def load_tokenizer(path: Path, eos_token_ids: list[int]) -> Any:
 
 
 def load(
-    path_or_repo: str | Path, dtype: str | None = None, lazy: bool = False
+    path_or_repo: str | Path,
+    dtype: str | None = None,
+    lazy: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Model, Processor]:
     """A model and its processor from a local folder or a Hugging Face Hub id.
 
     The checkpoint dtype is kept unless ``dtype`` ("float32", "float16", "bfloat16") is given.
     """
     path = resolve(path_or_repo)
-    model = load_model(path, dtype, lazy)
+    model = load_model(path, dtype, lazy, progress)
     stop = sorted({*model.config.eos_token_ids, 2, 32000, 32007})
     processor = Processor.from_folder(path, load_tokenizer(path, stop))
     return model, processor

@@ -1,15 +1,12 @@
 """The model against the official implementation's outputs (tiny checkpoints, float32)."""
 
-import json
-
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-from phi3v_mlx.config import ModelConfig
-from phi3v_mlx.model import Model
-from tests.conftest import CASES, MANIFEST, MODELS, case_inputs, expected_greedy, golden
+from tests.conftest import CASES, MANIFEST, case_inputs, expected_greedy, golden
+from tests.helpers import wide_head_model
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 IMAGE_CASES = [c for c in CASES if MANIFEST["cases"][c].get("images")]
@@ -142,17 +139,12 @@ def test_cache_without_history_refuses_to_cross(loaded):
 
 def test_quantized_kv_cache():
     """mlx-lm's QuantizedKVCache goes through the quantized attention path (head_dim 64 model)."""
-    values = json.loads((MODELS / "tiny-phi3v" / "config.json").read_text())
-    values.update(hidden_size=128, num_attention_heads=2, num_key_value_heads=2)
-    values["rope_scaling"]["short_factor"] = [1.0] * 32
-    values["rope_scaling"]["long_factor"] = [2.0] * 32
-    mx.random.seed(0)
-    model = Model(ModelConfig.from_dict(values))
+    model = wide_head_model()
     ids = mx.array([[1] + list(range(100, 400))])
     layers = len(model.layers)
     plain = model.make_cache()
-    quant = [QuantizedKVCache(group_size=32, bits=8) for _ in range(layers)] + plain[layers:]
-    quant[-1] = model.make_cache()[-1]
+    quant = [QuantizedKVCache(group_size=32, bits=8) for _ in range(layers)]
+    quant.append(model.make_cache()[-1])
     for cache in (plain, quant):
         model(ids, cache=cache)
     a = np.array(model(mx.array([[7]]), cache=plain))[0, -1]
