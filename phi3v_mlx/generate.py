@@ -80,6 +80,28 @@ class SamplingOptions:
             raise ValueError(f"prefill_step_size must be >= 1, got {self.prefill_step_size}")
 
 
+class StepModel:
+    """What mlx-lm's ``generate_step`` calls: prompt embeddings, then sampled token ids.
+
+    Token ids are embedded with MLX ops only, so decoding never waits on the host for the
+    previous token and mlx-lm's asynchronous pipeline stays busy.
+    """
+
+    def __init__(self, model: Model):
+        self.model = model
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: list[Any] | None = None,
+        input_embeddings: mx.array | None = None,
+    ) -> mx.array:
+        language = self.model.language
+        if input_embeddings is None:
+            input_embeddings = language.embed(inputs)
+        return language(input_embeddings, cache)
+
+
 def stop_token_ids(processor: Processor) -> set[int]:
     """Ids that end an answer: the Phi-3 turn ends and the checkpoint's configured eos."""
     return {*STOP_TOKENS, *processor.tokenizer.eos_token_ids}
@@ -127,7 +149,7 @@ def decode(
     detokenizer = processor.tokenizer.detokenizer
     steps = generate_step(
         mx.array(np.maximum(np.asarray(ids), 0), dtype=mx.int32),
-        model,
+        StepModel(model),
         max_tokens=options.max_tokens,
         sampler=make_sampler(options.temperature, options.top_p, options.min_p),
         logits_processors=make_logits_processors(repetition_penalty=options.repetition_penalty),

@@ -26,25 +26,29 @@ class RopeHistory:
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.inputs: mx.array | None = None
+        self.chunks: list[mx.array] = []  # input embeddings [1, n, hidden] of the first positions
+        self.kept = 0
         self.offset = 0
         self.long = False
         self.expected = 0
 
-    def append(self, embeddings: mx.array) -> None:
-        kept = 0 if self.inputs is None else self.inputs.shape[1]
-        room = self.limit - kept
-        if room > 0:
-            new = embeddings[:, :room]
-            self.inputs = new if self.inputs is None else mx.concatenate([self.inputs, new], 1)
-        self.offset += embeddings.shape[1]
+    @property
+    def inputs(self) -> mx.array | None:
+        """The kept input embeddings [1, min(offset, limit), hidden]."""
+        if len(self.chunks) > 1:
+            self.chunks = [mx.concatenate(self.chunks, axis=1)]
+        return self.chunks[0] if self.chunks else None
 
-    def clear(self) -> None:
-        self.inputs, self.offset, self.expected = None, 0, 0
+    def append(self, embeddings: mx.array) -> None:
+        room = self.limit - self.kept
+        if room > 0:
+            self.chunks.append(embeddings[:, :room])
+            self.kept += min(room, embeddings.shape[1])
+        self.offset += embeddings.shape[1]
 
     @property
     def state(self) -> list[mx.array]:
-        return [] if self.inputs is None else [self.inputs]
+        return self.chunks
 
     def is_trimmable(self) -> bool:
         return True
@@ -53,8 +57,9 @@ class RopeHistory:
         n = min(self.offset, n)
         self.offset -= n
         self.expected = 0
-        if self.inputs is not None and self.inputs.shape[1] > self.offset:
-            self.inputs = self.inputs[:, : self.offset] if self.offset else None
+        if self.kept > self.offset:
+            self.chunks = [self.inputs[:, : self.offset]] if self.offset else []
+            self.kept = self.offset
         return n
 
     def size(self) -> int:
@@ -65,7 +70,7 @@ class RopeHistory:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.inputs is None else self.inputs.nbytes
+        return sum(chunk.nbytes for chunk in self.chunks)
 
 
 def _emptied(cache: Any) -> Any:
