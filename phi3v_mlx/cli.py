@@ -191,9 +191,43 @@ def chat(
                 typer.echo(f"error: {e}", err=True)
 
 
-def main() -> None:
+@app.command()
+def convert(
+    hf_path: Annotated[str, typer.Option("--hf-path", help="Source folder or Hub id.")],
+    mlx_path: Annotated[str, typer.Option("--mlx-path", help="Output folder.")] = "mlx_model",
+    quantize: Annotated[bool, typer.Option("--quantize", "-q", help="Quantize.")] = False,
+    q_bits: Annotated[int, typer.Option("--q-bits", help="2, 3, 4, 5, 6 or 8.")] = 4,
+    q_group_size: Annotated[int, typer.Option("--q-group-size", help="32, 64 or 128.")] = 64,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="float16, bfloat16 or float32 for the rest.")
+    ] = None,
+    quantize_vision: Annotated[
+        bool, typer.Option("--quantize-vision/--no-quantize-vision", help="Also the CLIP tower.")
+    ] = False,
+    dequantize: Annotated[bool, typer.Option("--dequantize", "-d", help="Dequantize.")] = False,
+    upload_repo: Annotated[
+        str | None, typer.Option("--upload-repo", help="Hub repo to upload the result to.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --mlx-path.")] = False,
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="Fidelity report after quantizing.")
+    ] = True,
+) -> None:
+    """Convert Hugging Face weights to MLX, optionally quantized (4-bit by default)."""
+    from .convert import convert as run
+
+    with _progress("Writing weights") as progress:
+        run(
+            hf_path, mlx_path, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
+            dtype=dtype, quantize_vision=quantize_vision, dequantize=dequantize,
+            upload_repo=upload_repo, force=force, check=check,
+            log=lambda line: typer.echo(line, err=True), progress=progress,
+        )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
     """Entry point: one line on stderr for any user error, never a traceback."""
-    args = sys.argv[1:] or ["--help"]
+    args = (sys.argv[1:] if argv is None else argv) or ["--help"]
     try:
         code = app(args, standalone_mode=False)
     except UsageError as e:
