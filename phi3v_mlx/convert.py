@@ -111,9 +111,9 @@ def plan_tensors(
     return out, modules
 
 
-def save_safetensors(path: Path, tensors: dict[str, mx.array]) -> None:
+def save_safetensors(path: Path, tensors: dict[str, mx.array], fmt: str = "mlx") -> None:
     """Write a safetensors file evaluating one tensor at a time (memory: the largest tensor)."""
-    header: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
+    header: dict[str, Any] = {"__metadata__": {"format": fmt}}
     offset = 0
     for name, value in tensors.items():
         if value.dtype not in SAFETENSORS_DTYPES:
@@ -140,6 +140,7 @@ def save_shards(
     tensors: dict[str, mx.array],
     shard_bytes: int = SHARD_BYTES,
     progress: Callable[[int, int], None] | None = None,
+    fmt: str = "mlx",
 ) -> int:
     """Sharded safetensors plus ``model.safetensors.index.json``; returns the byte total."""
     shards: list[dict[str, mx.array]] = [{}]
@@ -158,7 +159,7 @@ def save_shards(
             if len(shards) == 1
             else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         )
-        save_safetensors(folder / file, shard)
+        save_safetensors(folder / file, shard, fmt)
         weight_map.update(dict.fromkeys(shard, file))
         done += sum(v.nbytes for v in shard.values())
         if progress is not None:

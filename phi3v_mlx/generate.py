@@ -83,23 +83,35 @@ class SamplingOptions:
 class StepModel:
     """What mlx-lm's ``generate_step`` calls: prompt embeddings, then sampled token ids.
 
+    mlx-lm feeds a prompt's last position on its own after the rest; here the chunk before it
+    waits and both go through the model in one forward, so a short prompt (a follow-up chat
+    turn) reads the weights once, not twice. Only the last position's logits are computed.
     Token ids are embedded with MLX ops only, so decoding never waits on the host for the
     previous token and mlx-lm's asynchronous pipeline stays busy.
     """
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, prompt_length: int):
         self.model = model
+        self.unfed = prompt_length
+        self.waiting: mx.array | None = None
 
     def __call__(
         self,
         inputs: mx.array,
         cache: list[Any] | None = None,
         input_embeddings: mx.array | None = None,
-    ) -> mx.array:
+    ) -> mx.array | None:
         language = self.model.language
         if input_embeddings is None:
             input_embeddings = language.embed(inputs)
-        return language(input_embeddings, cache)
+        self.unfed -= input_embeddings.shape[1]
+        if self.unfed == 1:  # the chunk just before the prompt's last position: hold it
+            self.waiting = input_embeddings
+            return None
+        if self.waiting is not None:
+            input_embeddings = mx.concatenate([self.waiting, input_embeddings], axis=1)
+            self.waiting = None
+        return language(input_embeddings, cache, last_only=True)
 
 
 def stop_token_ids(processor: Processor) -> set[int]:
@@ -149,7 +161,7 @@ def decode(
     detokenizer = processor.tokenizer.detokenizer
     steps = generate_step(
         mx.array(np.maximum(np.asarray(ids), 0), dtype=mx.int32),
-        StepModel(model),
+        StepModel(model, len(ids)),
         max_tokens=options.max_tokens,
         sampler=make_sampler(options.temperature, options.top_p, options.min_p),
         logits_processors=make_logits_processors(repetition_penalty=options.repetition_penalty),

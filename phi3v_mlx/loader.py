@@ -101,13 +101,14 @@ def quantize_like_checkpoint(model: nn.Module, quantization: dict[str, Any], wei
             return False
         own = quantization.get(path)
         if isinstance(own, dict):
-            return {"group_size": own["group_size"], "bits": own["bits"]}
+            return {k: own[k] for k in ("group_size", "bits", "mode") if k in own}
         return True
 
     nn.quantize(
         model,
         group_size=quantization["group_size"],
         bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
         class_predicate=predicate,
     )
 

@@ -141,3 +141,14 @@ def test_examples_run():
     )  # fmt: skip
     assert transcript.returncode == 0, transcript.stderr
     assert len(transcript.stdout.splitlines()) == 3
+
+
+def test_progress_bars_only_in_a_terminal(monkeypatch):
+    with cli._progress("Loading") as progress:
+        assert progress is None  # pytest captures stdout: not a terminal
+    monkeypatch.setattr(cli, "_terminal", lambda: True)
+    with cli._progress("Loading") as progress:
+        for done in range(0, 101, 25):
+            progress(done, 100)
+    model, _ = cli._load(TINY)
+    assert isinstance(model, phi3v_mlx.Model)
