@@ -90,12 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     def report(done: int, total: int) -> None:
         print(f"  {done / 1e9:.2f} / {total / 1e9:.2f} GB", flush=True)
 
+    count = len(tensors)
     total = save_shards(args.out, tensors, int(args.shard_gb * 1e9), report, fmt="pt")
     (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for file in source.iterdir():
         if file.name != "config.json":
             shutil.copy2(file, args.out / file.name)
-    print(f"wrote {args.out}: {len(tensors)} tensors, {total / 1e9:.3f} GB of {args.dtype}")
+    print(f"wrote {args.out}: {count} tensors, {total / 1e9:.3f} GB of {args.dtype}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,14 @@ class ConfigError(ValueError):
     """A configuration this package cannot run."""
 
 
+def _check_model_type(model_type: Any) -> None:
+    if model_type != MODEL_TYPE:
+        raise ConfigError(
+            f"model_type {model_type!r} is not Phi-3-Vision: "
+            f"phi3v-mlx runs checkpoints with model_type {MODEL_TYPE!r}"
+        )
+
+
 def _from_dict(cls, values: dict[str, Any]):
     """Build a dataclass from the keys it knows, ignoring the rest."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -127,11 +135,7 @@ class ModelConfig:
     quantization: dict[str, Any] | None = None
 
     def __post_init__(self):
-        if self.model_type != MODEL_TYPE:
-            raise ConfigError(
-                f"model_type {self.model_type!r} is not Phi-3-Vision: "
-                f"phi3v-mlx runs checkpoints with model_type {MODEL_TYPE!r}"
-            )
+        _check_model_type(self.model_type)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.hidden_size % self.num_attention_heads:
@@ -186,11 +190,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build a config from the parsed ``config.json``."""
-        if values.get("model_type") != MODEL_TYPE:
-            raise ConfigError(
-                f"model_type {values.get('model_type')!r} is not Phi-3-Vision: "
-                f"phi3v-mlx runs checkpoints with model_type {MODEL_TYPE!r}"
-            )
+        _check_model_type(values.get("model_type"))
         missing = [
             f.name
             for f in dataclasses.fields(cls)
@@ -220,7 +220,3 @@ class ModelConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{path} does not hold a JSON object")
         return cls.from_dict(values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as plain JSON-ready values."""
-        return dataclasses.asdict(self)

@@ -89,11 +89,14 @@ def plan_tensors(
     bits: int | None,
     group_size: int,
 ) -> tuple[dict[str, mx.array], dict[str, Any]]:
-    """The output tensors (lazy) and the per-module quantization entries that differ."""
+    """The output tensors (lazy) and the per-module quantization entries that differ.
+
+    ``weights`` is emptied, so that a source tensor is freed once its output is written.
+    """
     out: dict[str, mx.array] = {}
     modules: dict[str, Any] = {}
     for name in sorted(weights):
-        value = weights[name]
+        value = weights.pop(name)
         if mx.issubdtype(value.dtype, mx.floating):
             value = value.astype(dtype)
         path = name[: -len(".weight")] if name.endswith(".weight") else None
@@ -111,8 +114,14 @@ def plan_tensors(
     return out, modules
 
 
-def save_safetensors(path: Path, tensors: dict[str, mx.array], fmt: str = "mlx") -> None:
-    """Write a safetensors file evaluating one tensor at a time (memory: the largest tensor)."""
+def save_safetensors(
+    path: Path,
+    tensors: dict[str, mx.array],
+    fmt: str = "mlx",
+    written: Callable[[int], None] | None = None,
+) -> None:
+    """Write a safetensors file, computing one tensor at a time and emptying ``tensors`` as it
+    goes, so memory holds one tensor, never the file. ``written(nbytes)`` hears of each."""
     header: dict[str, Any] = {"__metadata__": {"format": fmt}}
     offset = 0
     for name, value in tensors.items():
@@ -129,10 +138,14 @@ def save_safetensors(path: Path, tensors: dict[str, mx.array], fmt: str = "mlx")
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for value in tensors.values():
+        for name in list(tensors):
+            value = tensors.pop(name)
             mx.eval(value)
             raw = value.view(mx.uint16) if value.dtype == mx.bfloat16 else value
             f.write(np.asarray(raw).tobytes())
+            if written is not None:
+                written(value.nbytes)
+            del value, raw
 
 
 def save_shards(
@@ -142,28 +155,36 @@ def save_shards(
     progress: Callable[[int, int], None] | None = None,
     fmt: str = "mlx",
 ) -> int:
-    """Sharded safetensors plus ``model.safetensors.index.json``; returns the byte total."""
-    shards: list[dict[str, mx.array]] = [{}]
+    """Sharded safetensors plus ``model.safetensors.index.json``; returns the byte total.
+
+    ``tensors`` (lazy arrays) is emptied as they are written; ``progress(done, total)`` in bytes.
+    """
+    shards: list[list[str]] = [[]]
     size = 0
     for name, value in tensors.items():
         if shards[-1] and size + value.nbytes > shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = value
+        shards[-1].append(name)
         size += value.nbytes
     total = sum(v.nbytes for v in tensors.values())
-    weight_map, done = {}, 0
-    for i, shard in enumerate(shards):
+    weight_map: dict[str, str] = {}
+    done = 0
+
+    def written(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress(done, total)
+
+    for i, names in enumerate(shards):
         file = (
             "model.safetensors"
             if len(shards) == 1
             else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         )
-        save_safetensors(folder / file, shard, fmt)
-        weight_map.update(dict.fromkeys(shard, file))
-        done += sum(v.nbytes for v in shard.values())
-        if progress is not None:
-            progress(done, total)
+        save_safetensors(folder / file, {n: tensors.pop(n) for n in names}, fmt, written)
+        weight_map.update(dict.fromkeys(names, file))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return total
@@ -326,7 +347,6 @@ def convert(
         what = f"{q_bits}-bit, group {q_group_size}" if quantize else dtype
         log(f"Converting {source} -> {target} ({what})")
         save_shards(partial, tensors, shard_bytes, progress)
-        del weights, tensors
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in COPIED_FILES:
             if (source / name).is_file():

@@ -150,11 +150,11 @@ def test_refuses_non_empty_target_unless_forced(tmp_path):
 def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
     original, written = conv.save_safetensors, []
 
-    def failing(path, tensors, fmt):
+    def failing(path, tensors, fmt, on_written):
         if written:
             raise OSError("disk full")
         written.append(path)
-        original(path, tensors, fmt)
+        original(path, tensors, fmt, on_written)
 
     monkeypatch.setattr(conv, "save_safetensors", failing)
     with pytest.raises(OSError, match="disk full"):
