@@ -60,12 +60,16 @@ def variant(request) -> str:
     return request.param
 
 
-@pytest.fixture(scope="session")
-def loaded(variant):
+def load_variant(variant: str):
     """(model, processor) of a variant in float32, the precision the goldens were made in."""
     if variant not in _loaded:
         _loaded[variant] = phi3v_mlx.load(MODELS / variant, dtype="float32")
     return _loaded[variant]
+
+
+@pytest.fixture(scope="session")
+def loaded(variant):
+    return load_variant(variant)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import phi3v_mlx
-from tests.conftest import CASES, MANIFEST, golden_inputs, open_image
+from tests.conftest import CASES, MANIFEST, golden_inputs, load_variant, open_image
 from tests.helpers import scripted, wide_head_model
 
 
@@ -42,11 +42,10 @@ def test_token_id_prompt_with_images(loaded, variant):
     assert by_ids.tokens == by_text.tokens
 
 
-@pytest.fixture
-def model35(loaded, variant):
-    if variant != "tiny-phi35v":
-        pytest.skip("one variant is enough")
-    return loaded
+@pytest.fixture(scope="module")
+def model35():
+    """Behaviour tests that do not depend on the variant run on Phi-3.5 only."""
+    return load_variant("tiny-phi35v")
 
 
 def _run_script(model, processor, script, **kw):
