@@ -1,21 +1,34 @@
-"""The ``phi3v`` command line: one-shot generation and an interactive chat with images."""
+"""The ``phi3v`` command line: generation, chat and conversion (more commands register here)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from .generate import GenerationChunk, collect, stream_generate, summary  # noqa: E402
-from .loader import load  # noqa: E402
-from .processor import load_image  # noqa: E402
+from . import __version__  # noqa: E402
+from .backend import cpu_advice  # noqa: E402
+from .config import ModelConfig  # noqa: E402
+from .generate import (  # noqa: E402
+    GenerationChunk,
+    GenerationResult,
+    SamplingOptions,
+    collect,
+    stream_generate,
+    summary,
+)
+from .loader import float_dtype, load_model, load_processor, resolve  # noqa: E402
+from .model import Model  # noqa: E402
+from .processor import IMAGE_TAG, Processor, load_image  # noqa: E402
 from .session import ChatSession  # noqa: E402
 
 DEFAULT_MODEL = "mlx-community/Phi-3.5-vision-instruct-4bit"
@@ -25,7 +38,15 @@ CHAT_HELP = """Type a message and press Enter. Commands:
   /image PATH   attach an image to the next message (repeat for several)
   /clear        start a new conversation
   /help         show this help
-  /exit         leave (Ctrl-D works too); Ctrl-C stops an answer, not the chat"""
+  /exit         leave (Ctrl-D works too); Ctrl-C stops an answer, not the chat
+A message that starts with / is written with two: //etc/hosts is sent as /etc/hosts."""
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"phi3v-mlx {__version__}")
+        raise typer.Exit()
+
 
 app = typer.Typer(
     add_completion=False,
@@ -35,11 +56,23 @@ app = typer.Typer(
     help="Phi-3-Vision and Phi-3.5-Vision on MLX.",
 )
 
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Phi-3-Vision and Phi-3.5-Vision on MLX."""
+
+
 ModelOption = Annotated[
     str, typer.Option("--model", help="Local folder or Hugging Face Hub id of the model.")
 ]
 ImagesOption = Annotated[
-    list[Path] | None, typer.Option("--image", help="Image file; repeat for several.")
+    list[Path] | None,
+    typer.Option("--image", metavar="PATH", help="Image file; repeat for several."),
 ]
 SystemOption = Annotated[str | None, typer.Option("--system", help="System message.")]
 MaxTokensOption = Annotated[int, typer.Option("--max-tokens", "-m", help="Answer length limit.")]
@@ -50,6 +83,14 @@ NumCropsOption = Annotated[
     int | None, typer.Option("--num-crops", help="Most 336-px crops per image (model default).")
 ]
 KvBitsOption = Annotated[int | None, typer.Option("--kv-bits", help="Quantize the KV cache.")]
+MaxKvSizeOption = Annotated[
+    int | None, typer.Option("--max-kv-size", help="Keep at most this many positions cached.")
+]
+DtypeOption = Annotated[
+    str | None,
+    typer.Option("--dtype", help="Compute in float32, float16 or bfloat16 (default: stored)."),
+]
+VerboseOption = Annotated[bool, typer.Option("--verbose", help="Statistics on stderr.")]
 
 
 def _terminal() -> bool:
@@ -57,36 +98,117 @@ def _terminal() -> bool:
 
 
 @contextmanager
-def _progress(description: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar on stderr when run in a terminal, else nothing."""
+def _bars() -> Iterator[Callable[[str], Callable[[int, int], None] | None]]:
+    """Rich progress bars on stderr when run in a terminal: ``bar(description)`` gives the
+    callback ``(done, total)`` of one bar, shown from its first report (None without a terminal)."""
     if not _terminal():
-        yield None
+        yield lambda description: None
         return
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
-    bar = Progress(
-        TextColumn(description),
+    display = Progress(
+        TextColumn("{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
         console=Console(stderr=True),
         transient=True,
     )
-    task = bar.add_task(description, total=None)
-    with bar:
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+    def bar(description: str) -> Callable[[int, int], None]:
+        task = None
+
+        def report(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = display.add_task(description, total=total)
+            display.update(task, completed=done, total=total)
+
+        return report
+
+    with display:
+        yield bar
 
 
-def _load(model: str):
-    with _progress("Loading weights") as progress:
-        return load(model, progress=progress)
+class Interrupt:
+    """Ctrl-C while a generation runs: the first press asks it to stop at its next safe point
+    (between prompt chunks or tokens, so the session keeps a consistent cache); a second press
+    stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _press(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def checked(self, report: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+        """A progress callback that also stops the work when Ctrl-C was pressed."""
+
+        def progress(done: int, total: int) -> None:
+            if report is not None:
+                report(done, total)
+            if self.requested:
+                raise KeyboardInterrupt
+
+        return progress
+
+    def stream(self, chunks: Iterator[GenerationChunk]) -> Iterator[GenerationChunk]:
+        """``chunks`` until Ctrl-C is pressed, then the stream is closed."""
+        for chunk in chunks:
+            yield chunk
+            if self.requested:
+                chunks.close()
+                return
 
 
-def _echo(chunks: Iterator[GenerationChunk]):
+def _options(**values: Any) -> SamplingOptions:
+    """Sampling options checked before anything is loaded."""
+    return SamplingOptions(**values)
+
+
+def _processor(model: str, dtype: str | None, num_crops: int | None) -> tuple[Path, Processor]:
+    """The model folder and its processor (cheap: ``num_crops`` and ``dtype`` are checked here,
+    before the weights load), with a one-line note on what the checkpoint's precision costs on
+    the CPU backend."""
+    if dtype is not None:
+        float_dtype(dtype)
+    path = resolve(model)
+    processor = load_processor(path)
+    processor.crops(num_crops)
+    config = ModelConfig.from_file(path)
+    note = cpu_advice(config.torch_dtype, bool(config.quantization), dtype)
+    if note:
+        typer.echo(note, err=True)
+    return path, processor
+
+
+def _weights(path: Path, dtype: str | None) -> Model:
+    with _bars() as bar:
+        return load_model(path, dtype, progress=bar("Loading weights"))
+
+
+def _echo(chunks: Iterator[GenerationChunk]) -> GenerationResult:
     result = collect(chunks, sys.stdout)
     sys.stdout.write("\n")
     sys.stdout.flush()
     return result
+
+
+def _check_images(images: list[Path], first: int = 0) -> list[Any]:
+    """Every image decoded now, before the model loads (errors name the file)."""
+    return [load_image(path, first + i) for i, path in enumerate(images)]
 
 
 @app.command()
@@ -101,24 +223,39 @@ def generate(
     seed: SeedOption = None,
     num_crops: NumCropsOption = None,
     kv_bits: KvBitsOption = None,
-    verbose: Annotated[bool, typer.Option("--verbose", help="Statistics on stderr.")] = False,
+    max_kv_size: MaxKvSizeOption = None,
+    dtype: DtypeOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
-    """Answer one prompt about zero or more images, streaming the answer to stdout."""
+    """Answer one prompt about images, streamed to stdout."""
+    options = _options(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed,
+                       kv_bits=kv_bits, max_kv_size=max_kv_size)  # fmt: skip
     text = sys.stdin.read() if prompt == "-" else prompt
-    images = list(image or [])
-    loaded_model, processor = _load(model)
+    images = _check_images(list(image or []))
+    path, processor = _processor(model, dtype, num_crops)
     messages = [{"role": "system", "content": system}] if system else []
-    parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-    messages.append({"role": "user", "content": parts})
+    if IMAGE_TAG.search(text):  # the user placed the images: keep their tags, add none
+        messages.append({"role": "user", "content": text})
+    else:
+        parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        messages.append({"role": "user", "content": parts})
     chat_prompt = processor.apply_chat_template(messages)
-    with _progress("Reading the prompt") as progress:
+    crops = processor.crops(num_crops)
+    processor.tokenize(chat_prompt, [processor.image_tokens(im, crops) for im in images])
+    loaded_model = _weights(path, dtype)
+    with Interrupt() as interrupt, _bars() as bar:
         chunks = stream_generate(
             loaded_model, processor, chat_prompt, images=images or None, num_crops=num_crops,
-            max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed, kv_bits=kv_bits,
-            progress=progress,
+            progress=interrupt.checked(bar("Reading the prompt")), **vars(options),
         )  # fmt: skip
-        result = _echo(chunks)
-    if verbose:
+        try:
+            result = _echo(interrupt.stream(chunks))
+        except KeyboardInterrupt:
+            result = None
+    if interrupt.requested:
+        typer.echo("(stopped)", err=True)
+        raise typer.Exit(130)
+    if verbose and result is not None:
         typer.echo(summary(result), err=True)
 
 
@@ -128,6 +265,7 @@ def _read_line(interactive: bool) -> str | None:
         try:
             return input("> ")
         except EOFError:
+            sys.stdout.write("\n")
             return None
     line = sys.stdin.readline()
     return None if line == "" else line.rstrip("\n")
@@ -144,51 +282,86 @@ def chat(
     seed: SeedOption = None,
     num_crops: NumCropsOption = None,
     kv_bits: KvBitsOption = None,
+    max_kv_size: MaxKvSizeOption = None,
+    dtype: DtypeOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
-    """An interactive multi-turn chat; images stay part of the whole conversation."""
+    """An interactive chat about images, one conversation."""
+    options = _options(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed,
+                       kv_bits=kv_bits, max_kv_size=max_kv_size)  # fmt: skip
+    pending = list(image or [])
+    _check_images(pending)
     interactive = sys.stdin.isatty()
-    loaded_model, processor = _load(model)
+    path, processor = _processor(model, dtype, num_crops)
+    loaded_model = _weights(path, dtype)
     session = ChatSession(loaded_model, processor, system=system)
-    pending: list[Path] = []
-    for path in image or []:
-        load_image(path)
-        pending.append(path)
-    options = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed, kv_bits=kv_bits)
+    failed = False
     if interactive:
         typer.echo(CHAT_HELP, err=True)
+
+    def error(message: str) -> None:
+        nonlocal failed
+        failed = True
+        typer.echo(f"error: {message}", err=True)
+
     while True:
         try:
             line = _read_line(interactive)
         except KeyboardInterrupt:
             typer.echo("\n(/exit or Ctrl-D to leave)", err=True)
             continue
-        if line is None or line.strip() in ("/exit", "/quit"):
+        if line is None:
             break
-        command, _, argument = line.strip().partition(" ")
-        if command == "/help":
-            typer.echo(CHAT_HELP, err=True)
-        elif command == "/clear":
-            session.reset()
-            pending = []
-            typer.echo("(new conversation)", err=True)
-        elif command == "/image":
-            try:
+        stripped = line.strip()
+        command, _, argument = stripped.partition(" ")
+        if stripped.startswith("/") and not stripped.startswith("//"):
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/help":
+                typer.echo(CHAT_HELP, err=True)
+            elif command == "/clear":
+                session.reset()
+                pending = []
+                typer.echo("(new conversation)", err=True)
+            elif command == "/image":
+                if not argument.strip():
+                    error("/image needs a path: /image PATH")
+                    continue
                 path = Path(argument.strip()).expanduser()
-                load_image(path, len(session.images) + len(pending))
+                try:
+                    load_image(path, len(session.images) + len(pending))
+                except ValueError as e:
+                    error(str(e))
+                    continue
                 pending.append(path)
                 typer.echo(f"(image {len(session.images) + len(pending)} attached)", err=True)
-            except ValueError as e:
-                typer.echo(f"error: {e}", err=True)
-        elif line.strip():
-            chunks = session.stream(line, images=pending, num_crops=num_crops, **options)
-            pending = []
+            else:
+                error(f"unknown command {command} (/help lists them)")
+            continue
+        if not stripped:
+            continue
+        text = line[1:] if stripped.startswith("//") else line
+        turns = len(session.messages)
+        with Interrupt() as interrupt, _bars() as bar:
             try:
-                _echo(chunks)
+                chunks = session.stream(
+                    text, images=pending, num_crops=num_crops,
+                    progress=interrupt.checked(bar("Reading the prompt")), **vars(options),
+                )  # fmt: skip
+                result = _echo(interrupt.stream(chunks))
             except KeyboardInterrupt:
-                chunks.close()
-                typer.echo("\n(stopped)", err=True)
+                result = None
             except ValueError as e:
-                typer.echo(f"error: {e}", err=True)
+                error(str(e))
+                continue
+        if len(session.messages) > turns:
+            pending = []  # the images went with the message (a message stopped early keeps none)
+        if interrupt.requested or result is None:
+            typer.echo("(stopped)", err=True)
+        elif verbose:
+            typer.echo(summary(result), err=True)
+    if failed and not interactive:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -208,20 +381,23 @@ def convert(
     upload_repo: Annotated[
         str | None, typer.Option("--upload-repo", help="Hub repo to upload the result to.")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --mlx-path.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing model folder at --mlx-path.")
+    ] = False,
     check: Annotated[
         bool, typer.Option("--check/--no-check", help="Fidelity report after quantizing.")
     ] = True,
 ) -> None:
-    """Convert Hugging Face weights to MLX, optionally quantized (4-bit by default)."""
+    """Convert Hugging Face weights to MLX, optionally quantized."""
     from .convert import convert as run
 
-    with _progress("Writing weights") as progress:
+    with _bars() as bar:
         run(
             hf_path, mlx_path, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
             dtype=dtype, quantize_vision=quantize_vision, dequantize=dequantize,
             upload_repo=upload_repo, force=force, check=check,
-            log=lambda line: typer.echo(line, err=True), progress=progress,
+            log=lambda line: typer.echo(line, err=True), progress=bar("Writing weights"),
+            check_progress=bar("Checking fidelity"),
         )  # fmt: skip
 
 

@@ -129,6 +129,7 @@ class ModelConfig:
     eos_token_id: int | list[int] = 2
     pad_token_id: int | None = None
     tie_word_embeddings: bool = False
+    torch_dtype: str | None = None
     embd_layer: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     img_processor: ImageProcessorConfig = field(default_factory=ImageProcessorConfig)
     vision_config: VisionConfig = field(default_factory=VisionConfig)

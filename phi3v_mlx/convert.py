@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import struct
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from mlx_lm.utils import dequantize_model
 
 from .config import ModelConfig
-from .loader import DTYPES, check_weights, read_weights, resolve, weight_files
-from .model import Model
+from .loader import (
+    DTYPES,
+    check_weights,
+    load_processor,
+    read_weights,
+    resolve,
+    weight_files,
+)
+from .model import Model, conv_layout, module_names, official_name
 
 Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
@@ -49,36 +62,47 @@ class ConvertError(ValueError):
     """A conversion that cannot be done."""
 
 
-def _source_weights(path: Path, config: dict[str, Any], skeleton: Model) -> dict[str, mx.array]:
-    """Every tensor of the source under this package's names, dequantized, still unread."""
-    weights = skeleton.sanitize(read_weights(weight_files(path)))
-    quantization = config.get("quantization")
-    if quantization:
-        for name in [n for n in weights if n.endswith(".scales")]:
-            base = name[: -len(".scales")]
-            own = quantization.get(base)
-            params = own if isinstance(own, dict) else quantization
-            weights[f"{base}.weight"] = mx.dequantize(
-                weights[f"{base}.weight"],
-                weights.pop(name).astype(mx.float32),
-                weights.pop(f"{base}.biases").astype(mx.float32),
-                group_size=params["group_size"],
-                bits=params["bits"],
-                mode=params.get("mode", "affine"),
-            )
-    check_weights(skeleton, weights, path)
+def source_weights(path: Path, config: dict[str, Any], skeleton: Model) -> dict[str, mx.array]:
+    """Every tensor of the source under its official name, dequantized, the patch convolution in
+    MLX's layout, checked against the model and still unread."""
+    channels = skeleton.config.vision_config.num_channels
+    weights = {
+        official_name(name): conv_layout(value, channels) if "patch_embedding" in name else value
+        for name, value in read_weights(weight_files(path)).items()
+    }
+    quantization = module_names(config.get("quantization") or {}, official_name)
+    for name in [n for n in weights if n.endswith(".scales")]:
+        base = name[: -len(".scales")]
+        own = quantization.get(base)
+        params = own if isinstance(own, dict) else quantization
+        weights[f"{base}.weight"] = mx.dequantize(
+            weights[f"{base}.weight"],
+            weights.pop(name).astype(mx.float32),
+            weights.pop(f"{base}.biases").astype(mx.float32),
+            group_size=params["group_size"],
+            bits=params["bits"],
+            mode=params.get("mode", "affine"),
+        )
+    check_weights(skeleton, skeleton.sanitize(weights), path)
     return weights
 
 
-def _quantizable(skeleton: Model, quantize_vision: bool) -> dict[str, int]:
-    """Paths of the layers to quantize and their input widths."""
+def _any_layer(path: str) -> str:
+    """A module path with its layer index replaced by ``*``."""
+    return re.sub(r"\.layers\.\d+\.", ".layers.*.", path)
+
+
+def quantizable(skeleton: Model, quantize_vision: bool) -> dict[str, int]:
+    """Official paths (layer index ``*``) of the modules to quantize and their input widths: the
+    decoder's linear layers, token embeddings and LM head, and with ``quantize_vision`` the CLIP
+    and projector linear layers (never CLIP's position table or patch convolution)."""
     paths = {}
     for path, module in skeleton.named_modules():
-        if not hasattr(module, "to_quantized") or not path:
+        vision = path.startswith("vision.")
+        if vision and not quantize_vision:
             continue
-        if path.startswith("vision.") and not quantize_vision:
-            continue
-        paths[path] = module.weight.shape[-1]
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Embedding) and not vision):
+            paths[_any_layer(official_name(f"{path}.")[:-1])] = module.weight.shape[-1]
     return paths
 
 
@@ -100,10 +124,11 @@ def plan_tensors(
         if mx.issubdtype(value.dtype, mx.floating):
             value = value.astype(dtype)
         path = name[: -len(".weight")] if name.endswith(".weight") else None
-        if bits is None or path not in quantizable:
+        width = quantizable.get(_any_layer(path)) if path else None
+        if bits is None or width is None:
             out[name] = value
             continue
-        group = next((g for g in (group_size, 64, 32) if quantizable[path] % g == 0), None)
+        group = next((g for g in (group_size, 64, 32) if width % g == 0), None)
         if group is None:
             modules[path] = False
             out[name] = value
@@ -193,12 +218,16 @@ def save_shards(
 def _model_card(source: str, config: dict[str, Any]) -> str:
     quant = config.get("quantization")
     what = f"{quant['bits']}-bit (group size {quant['group_size']})" if quant else "unquantized"
-    usage = 'phi3v generate --model <this repo> --image photo.jpg --prompt "Describe it."'
     return (
         "---\nlibrary_name: mlx\ntags: [mlx, phi3_v, vision]\n---\n"
         f"# {Path(source).name} for MLX\n\nConverted from `{source}` with phi3v-mlx: {what}, "
-        f"other tensors in {config.get('torch_dtype')}.\n\n"
-        f"```bash\npip install phi3v-mlx\n{usage}\n```\n"
+        f"other tensors in {config.get('torch_dtype')}. The tensor names and config are those "
+        "mlx-vlm reads, so both packages load it.\n\n"
+        "phi3v-mlx is not on PyPI: install it from a clone of its repository "
+        "(`pip install -e .` in the clone), then:\n\n"
+        "```bash\n"
+        'phi3v generate --model <this repo> --image photo.jpg --prompt "Describe it."\n'
+        "```\n"
     )
 
 
@@ -211,9 +240,15 @@ def upload(folder: Path, repo: str) -> None:
     """Create (if needed) a Hugging Face model repository and upload the folder to it."""
     from huggingface_hub import HfApi
 
-    api = HfApi()
-    api.create_repo(repo_id=repo, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model")
+    try:
+        api = HfApi()
+        api.create_repo(repo_id=repo, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model")
+    except Exception as e:  # network, authentication, quota: all one line for the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(
+            f"upload to {repo} failed ({first}); the converted model is kept at {folder}"
+        ) from None
 
 
 @dataclass
@@ -242,6 +277,7 @@ CALIBRATION_PROMPTS = [
     "<|end|>\n<|assistant|>\nCopper is used in",
 ]
 IMAGE_PROMPT = "<|user|>\n<|image_1|>\nWhat shapes are in this picture?<|end|>\n<|assistant|>\n"
+SCORED_POSITIONS = 64  # per prompt, the last ones
 
 
 def calibration_image() -> np.ndarray:
@@ -253,17 +289,44 @@ def calibration_image() -> np.ndarray:
     return image.astype(np.uint8)
 
 
-def _log_probs(path: Path, dtype: str | None) -> list[np.ndarray]:
-    """Next-token log-probabilities of a model on the calibration inputs (then freed)."""
-    from .loader import load
-
-    model, processor = load(path, dtype=dtype)
+def calibration_inputs(processor: Any) -> list[dict[str, Any]]:
+    """The calibration prompts as model inputs, the image prompt last."""
     inputs = [processor(p) for p in CALIBRATION_PROMPTS]
     inputs.append(processor(IMAGE_PROMPT, images=[calibration_image()], num_crops=1))
+    return inputs
+
+
+def _log_probs(
+    path: Path,
+    inputs: list[dict[str, Any]],
+    dtype: str | None,
+    dense: bool,
+    advance: Callable[[int], None],
+) -> list[np.ndarray]:
+    """Next-token log-probabilities of a model at the last positions of each input, the prompt
+    read in prefill chunks (``advance(positions)`` after each); the model is freed after."""
+    from .generate import default_prefill_step
+    from .loader import load_model
+
+    model = load_model(path, dtype)
+    if dense:
+        dequantize_model(model)
+    step = default_prefill_step()
     out = []
     for item in inputs:
-        hidden = model.language.hidden(model.embed(**item))[:, -64:]
-        logits = model.language.lm_head(hidden).astype(mx.float32)
+        embeddings = model.embed(**item)
+        total = embeddings.shape[1]
+        cache = model.make_cache()
+        cache.rope.expected = total
+        scored = []
+        for start in range(0, total, step):
+            h = model.language.hidden(embeddings[:, start : start + step], cache)
+            skip = max(total - SCORED_POSITIONS - start, 0)
+            if skip < h.shape[1]:
+                scored.append(h[:, skip:])
+            mx.eval(scored, [layer.state for layer in cache])
+            advance(h.shape[1])
+        logits = model.language.lm_head(mx.concatenate(scored, axis=1)).astype(mx.float32)
         out.append(np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0])
     del model
     mx.clear_cache()
@@ -275,19 +338,103 @@ def _stored_dtype(path: Path) -> str | None:
     return value if value in DTYPES else None
 
 
-def fidelity(source: Path, converted: Path, dtype: str | None = None) -> FidelityReport:
-    """Top-1 agreement and mean KL(source || converted) over the built-in calibration, both
-    models computing in ``dtype`` (default: the source's stored dtype, so memory stays low)."""
-    ref = np.concatenate(_log_probs(source, dtype))
-    got = np.concatenate(_log_probs(converted, dtype or _stored_dtype(source)))
+def fidelity(
+    source: Path,
+    converted: Path,
+    dtype: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> FidelityReport:
+    """Top-1 agreement and mean KL(source || converted) over the built-in calibration.
+
+    Both models compute in ``dtype``: by default float32 on the CPU backend, where 16-bit and
+    quantized products are slow (the converted model's quantized layers are then expanded, the
+    same arithmetic), else the source's stored dtype, so memory stays low. ``progress(done,
+    total)`` counts prompt positions read by both models.
+    """
+    cpu = not mx.metal.is_available()
+    if dtype is None:
+        dtype = "float32" if cpu else _stored_dtype(source)
+    inputs = calibration_inputs(load_processor(source))
+    total = 2 * sum(item["input_ids"].shape[1] for item in inputs)
+    done = 0
+
+    def advance(positions: int) -> None:
+        nonlocal done
+        done += positions
+        if progress is not None:
+            progress(done, total)
+
+    ref = np.concatenate(_log_probs(source, inputs, dtype, False, advance))
+    got = np.concatenate(_log_probs(converted, inputs, dtype, cpu, advance))
     agree = float((ref.argmax(-1) == got.argmax(-1)).mean())
     kl = float((np.exp(ref) * (ref - got)).sum(-1).mean())
     return FidelityReport(len(ref), agree, kl, folder_bytes(source), folder_bytes(converted))
 
 
+PARTIAL_FOLDER = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove the partial output folders in ``folder`` whose converting process is gone."""
+    removed = []
+    for entry in folder.iterdir():
+        match = PARTIAL_FOLDER.match(entry.name)
+        if match and entry.is_dir() and not _process_alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """In the main thread, let SIGTERM unwind the stack (so cleanup runs) instead of killing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _check_target(target: Path, force: bool) -> None:
+    """Refuse an output path that is a file, or a non-empty folder unless ``force`` and it holds
+    a model."""
+    if target.exists() and not target.is_dir():
+        raise ConvertError(f"--mlx-path {target} is a file, not a folder")
+    if target.is_dir() and any(target.iterdir()):
+        if not force:
+            raise ConvertError(f"{target} exists and is not empty (use --force to replace it)")
+        if not _is_model_folder(target):
+            raise ConvertError(
+                f"{target} is not empty and holds no model (config.json and *.safetensors): "
+                "--force replaces only a model folder"
+            )
+
+
 def convert(
     hf_path: str | Path,
     mlx_path: str | Path = "mlx_model",
+    *,
     quantize: bool = False,
     q_bits: int = 4,
     q_group_size: int = 64,
@@ -300,9 +447,14 @@ def convert(
     shard_bytes: int = SHARD_BYTES,
     log: Callable[[str], None] = print,
     progress: Callable[[int, int], None] | None = None,
+    check_progress: Callable[[int, int], None] | None = None,
 ) -> FidelityReport | None:
-    """Write an MLX checkpoint of ``hf_path`` to ``mlx_path``; with ``quantize`` and ``check``,
-    return (and log) the fidelity report. Nothing is left behind if it fails."""
+    """Write an MLX checkpoint of ``hf_path`` to ``mlx_path`` in the layout mlx-vlm also reads.
+
+    With ``quantize`` and ``check``, the fidelity report (also logged) is computed on the written
+    files before they are published: nothing is left at ``mlx_path``, nor half-written beside it,
+    if anything fails or the process is interrupted or terminated.
+    """
     if quantize and dequantize:
         raise ConvertError("--quantize and --dequantize exclude each other")
     if q_bits not in Q_BITS:
@@ -316,8 +468,7 @@ def convert(
     target = Path(mlx_path).expanduser()
     if target.resolve() == source.resolve():
         raise ConvertError("--mlx-path must differ from the source folder")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
-        raise ConvertError(f"{target} exists and is not empty (use --force to replace it)")
+    _check_target(target, force)
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     skeleton = Model(ModelConfig.from_file(source))
     if config.get("quantization") and not (quantize or dequantize):
@@ -327,41 +478,48 @@ def convert(
     dtype = dtype or config.get("torch_dtype") or "bfloat16"
     if dtype not in DTYPES:
         dtype = "bfloat16"
-    weights = _source_weights(source, config, skeleton)
-    quantizable = _quantizable(skeleton, quantize_vision)
+    weights = source_weights(source, config, skeleton)
     tensors, modules = plan_tensors(
-        weights, quantizable, DTYPES[dtype], q_bits if quantize else None, q_group_size
+        weights,
+        quantizable(skeleton, quantize_vision),
+        DTYPES[dtype],
+        q_bits if quantize else None,
+        q_group_size,
     )
     for key in ("quantization", "quantization_config"):
         config.pop(key, None)
     if quantize:
-        config["quantization"] = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
-        config["quantization"].update(modules)
+        block = {"group_size": q_group_size, "bits": q_bits, "mode": "affine", **modules}
+        config["quantization"] = config["quantization_config"] = block
     config["torch_dtype"] = dtype
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target.parent)
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    try:
-        what = f"{q_bits}-bit, group {q_group_size}" if quantize else dtype
-        log(f"Converting {source} -> {target} ({what})")
-        save_shards(partial, tensors, shard_bytes, progress)
-        (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for name in COPIED_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, partial / name)
-        (partial / "README.md").write_text(_model_card(str(hf_path), config))
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        partial.rename(target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    log(f"Wrote {target} ({folder_bytes(target) / 1e9:.3f} GB)")
     report = None
-    if quantize and check:
-        report = fidelity(source, target)
+    with _sigterm_as_exit():
+        try:
+            what = f"{q_bits}-bit, group {q_group_size}" if quantize else dtype
+            log(f"Converting {source} -> {target} ({what})")
+            save_shards(partial, tensors, shard_bytes, progress)
+            (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            for name in COPIED_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, partial / name)
+            (partial / "README.md").write_text(_model_card(str(hf_path), config))
+            if quantize and check:
+                log("Checking fidelity against the source on the calibration prompts")
+                report = fidelity(source, partial, progress=check_progress)
+            if target.exists():
+                shutil.rmtree(target)
+            partial.rename(target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    log(f"Wrote {target} ({folder_bytes(target) / 1e9:.3f} GB)")
+    if report is not None:
         log(str(report))
     if upload_repo:
         upload(target, upload_repo)

@@ -10,14 +10,24 @@ from typing import Any, TextIO
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import generate_step, generation_stream, wired_limit
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.generate import generate_step, generation_stream, maybe_quantize_kv_cache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+from mlx_lm.sample_utils import make_logits_processors as mlx_logits_processors
 
+from .language import PromptCache
+from .memory import PeakMemory, wired_limit
 from .model import Model
 from .processor import ImageInput, Processor
 
 # <|end|>, <|endoftext|> and </s>: Phi-3 chat models end a turn with any of them.
 STOP_TOKENS = (32007, 32000, 2)
+Progress = Callable[[int, int], None]
+
+
+def default_prefill_step() -> int:
+    """Prompt positions per prefill forward: mlx-lm's 2048 on a GPU; 256 on the CPU backend,
+    where a chunk takes seconds, so that progress and Ctrl-C come at a human pace."""
+    return 2048 if mx.metal.is_available() else 256
 
 
 @dataclass
@@ -56,12 +66,12 @@ class SamplingOptions:
     temperature: float = 0.0
     top_p: float = 1.0
     min_p: float = 0.0
+    top_k: int = 0
     repetition_penalty: float | None = None
     seed: int | None = None
     kv_bits: int | None = None
     max_kv_size: int | None = None
-    prefill_step_size: int = 2048
-    progress: Callable[[int, int], None] | None = None
+    prefill_step_size: int | None = None
 
     def __post_init__(self):
         if self.max_tokens < 0:
@@ -72,58 +82,62 @@ class SamplingOptions:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.kv_bits is not None and self.kv_bits not in (2, 3, 4, 5, 6, 8):
             raise ValueError(f"kv_bits must be one of 2, 3, 4, 5, 6, 8, got {self.kv_bits}")
+        if self.max_kv_size is not None and self.max_kv_size < 1:
+            raise ValueError(f"max_kv_size must be >= 1, got {self.max_kv_size}")
+        if self.kv_bits is not None and self.max_kv_size is not None:
+            raise ValueError("kv_bits and max_kv_size exclude each other (a rotating cache "
+                             "cannot be quantized)")  # fmt: skip
+        if self.prefill_step_size is None:
+            self.prefill_step_size = default_prefill_step()
         if self.prefill_step_size < 1:
             raise ValueError(f"prefill_step_size must be >= 1, got {self.prefill_step_size}")
 
 
-class StepModel:
-    """What mlx-lm's ``generate_step`` calls: prompt embeddings, then sampled token ids.
+class Sampler:
+    """Draws token ids from log-probabilities [B, vocab] with a random key of its own.
 
-    mlx-lm feeds a prompt's last position on its own after the rest; here the chunk before it
-    waits and both go through the model in one forward, so a short prompt (a follow-up chat
-    turn) reads the weights once, not twice. Only the last position's logits are computed.
-    Token ids are embedded with MLX ops only, so decoding never waits on the host for the
-    previous token and mlx-lm's asynchronous pipeline stays busy.
+    Every generation owns its key (from ``seed``, or drawn from MLX's global generator), so a
+    seeded generation gives the same tokens however its steps are interleaved with others'.
     """
 
-    def __init__(self, model: Model, prompt_length: int):
-        self.model = model
-        self.unfed = prompt_length
-        self.waiting: mx.array | None = None
+    def __init__(
+        self, temperature: float, top_p: float, min_p: float, top_k: int, seed: int | None
+    ):
+        self.temperature = temperature
+        self.filters: list[Callable[[mx.array], mx.array]] = []
+        if 0 < top_p < 1:
+            self.filters.append(lambda x: apply_top_p(x, top_p))
+        if min_p > 0:
+            self.filters.append(lambda x: apply_min_p(x, min_p))
+        if top_k > 0:
+            self.filters.append(lambda x: apply_top_k(x, top_k))
+        if seed is None:
+            seed = int(mx.random.randint(0, 2**31 - 1).item())
+        self.key = mx.random.key(seed)
 
-    def __call__(
-        self,
-        inputs: mx.array,
-        cache: list[Any] | None = None,
-        input_embeddings: mx.array | None = None,
-    ) -> mx.array | None:
-        language = self.model.language
-        if input_embeddings is None:
-            input_embeddings = language.embed(inputs)
-        self.unfed -= input_embeddings.shape[1]
-        if self.unfed == 1:  # the chunk just before the prompt's last position: hold it
-            self.waiting = input_embeddings
-            return None
-        if self.waiting is not None:
-            input_embeddings = mx.concatenate([self.waiting, input_embeddings], axis=1)
-            self.waiting = None
-        return language(input_embeddings, cache, last_only=True)
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        for apply in self.filters:
+            logprobs = apply(logprobs)
+        self.key, draw = mx.random.split(self.key)
+        return mx.random.categorical(logprobs * (1 / self.temperature), key=draw)
 
 
-def stop_token_ids(processor: Processor) -> set[int]:
-    """Ids that end an answer: the Phi-3 turn ends and the checkpoint's configured eos."""
-    return {*STOP_TOKENS, *processor.tokenizer.eos_token_ids}
+def make_sampler(options: SamplingOptions) -> Callable[[mx.array], mx.array]:
+    """mlx-lm's greedy sampler at temperature 0, else a :class:`Sampler` with its own key."""
+    if options.temperature == 0:
+        return greedy_sampler
+    return Sampler(options.temperature, options.top_p, options.min_p, options.top_k, options.seed)
 
 
-def hidden_token_ids(processor: Processor) -> set[int]:
-    """Ids never shown as text: special added tokens."""
-    tokenizer = processor.tokenizer
-    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return special | set(tokenizer.all_special_ids) | stop_token_ids(processor)
+def make_logits_processors(options: SamplingOptions) -> list[Callable]:
+    """mlx-lm's logits processors for the options (the repetition penalty)."""
+    return mlx_logits_processors(repetition_penalty=options.repetition_penalty)
 
 
 def kv_group_size(model: Model) -> int:
@@ -136,73 +150,171 @@ def kv_group_size(model: Model) -> int:
     )
 
 
+def stop_token_ids(processor: Processor) -> set[int]:
+    """Ids that end an answer: the Phi-3 turn ends and the checkpoint's configured eos."""
+    return {*STOP_TOKENS, *processor.tokenizer.eos_token_ids}
+
+
+class AnswerText:
+    """Generated ids to the answer's text: stop ids end it, special ids are never shown, and
+    UTF-8 is streamed whole (mlx-lm's streaming detokenizer)."""
+
+    def __init__(self, processor: Processor):
+        tokenizer = processor.tokenizer
+        self.stops = stop_token_ids(processor)
+        special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        self.hidden = special | set(tokenizer.all_special_ids) | self.stops
+        self.vocab = len(tokenizer)
+        self.detokenizer = tokenizer.detokenizer
+
+    def add(self, token: int) -> str:
+        """The new text after ``token`` (a token that is not a stop id)."""
+        if token not in self.hidden and token < self.vocab:
+            self.detokenizer.add_token(token)
+        return self.detokenizer.last_segment
+
+    def finish(self) -> str:
+        """The text held back until the end (an incomplete UTF-8 sequence)."""
+        self.detokenizer.finalize()
+        return self.detokenizer.last_segment
+
+
+def prefill(
+    model: Model,
+    embeddings: mx.array,
+    cache: PromptCache,
+    options: SamplingOptions,
+    progress: Progress | None = None,
+) -> mx.array:
+    """Feed the prompt positions ``embeddings`` [1, T, hidden] into ``cache`` one evaluated
+    chunk at a time, all but the last chunk (at most ``prefill_step_size`` positions, ending with
+    the last one), which is returned for the forward that also yields the first logits.
+
+    ``progress(done, total)`` hears of every chunk once it is computed; an exception it raises
+    stops the work there, the cache holding the chunks done.
+    """
+    total = embeddings.shape[1]
+    cache.rope.expected = cache.offset + total
+    step = options.prefill_step_size
+    done = 0
+    while total - done > step:
+        model.language.hidden(embeddings[:, done : done + step], cache)
+        if options.kv_bits:
+            maybe_quantize_kv_cache(cache, 0, kv_group_size(model), options.kv_bits)
+        mx.eval([layer.state for layer in cache])
+        mx.clear_cache()
+        done += step
+        if progress is not None:
+            progress(done, total)
+    return embeddings[:, done:]
+
+
+class StepModel:
+    """What mlx-lm's ``generate_step`` calls: the prompt's last chunk, then sampled token ids.
+
+    ``generate_step`` feeds a prompt's last position alone after the positions before it; here
+    those wait and go through the model together with it in one forward, so a short prompt (a
+    follow-up chat turn) reads the weights once, not twice. Only the last position's logits are
+    computed. Token ids are embedded with MLX ops only, so decoding never waits on the host for
+    the previous token and mlx-lm's asynchronous pipeline stays busy.
+    """
+
+    def __init__(self, model: Model, prompt_length: int):
+        self.model = model
+        self.unfed = prompt_length
+        self.waiting: mx.array | None = None
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: PromptCache | None = None,
+        input_embeddings: mx.array | None = None,
+    ) -> mx.array | None:
+        language = self.model.language
+        if input_embeddings is None:
+            input_embeddings = language.embed(inputs)
+        self.unfed -= input_embeddings.shape[1]
+        if self.unfed == 1:  # the positions just before the prompt's last one: hold them
+            self.waiting = input_embeddings
+            return None
+        if self.waiting is not None:
+            input_embeddings = mx.concatenate([self.waiting, input_embeddings], axis=1)
+            self.waiting = None
+        return language(input_embeddings, cache, last_only=True)
+
+
 def decode(
     model: Model,
     processor: Processor,
     ids: Sequence[int],
     embeddings: mx.array,
-    cache: list[Any],
+    cache: PromptCache,
     options: SamplingOptions,
+    *,
     started: float,
+    peak: PeakMemory,
+    progress: Progress | None = None,
 ) -> Iterator[GenerationChunk]:
     """Prefill ``embeddings`` (the prompt positions not yet in ``cache``) and stream the answer.
 
-    ``ids`` are those positions' ids (image slots negative). ``started`` is when the request
-    began, for the time to first token. The cache ends holding every yielded token.
+    ``ids`` are those positions' ids (image slots negative); ``started`` is when the request
+    began, for the time to first token, and ``peak`` watches its memory. The cache ends holding
+    the prompt and every generated token fed back (a step cut short may leave some layers one
+    position ahead: see ``PromptCache.offset``).
     """
-    if options.seed is not None:
-        mx.random.seed(options.seed)
-    history = cache[-1]
-    if hasattr(history, "expected"):
-        history.expected = cache[0].offset + len(ids)
-    stops = stop_token_ids(processor)
-    hidden = hidden_token_ids(processor)
-    vocab = len(processor.tokenizer)
-    detokenizer = processor.tokenizer.detokenizer
-    steps = generate_step(
-        mx.array(np.maximum(np.asarray(ids), 0), dtype=mx.int32),
-        StepModel(model, len(ids)),
-        max_tokens=options.max_tokens,
-        sampler=make_sampler(options.temperature, options.top_p, options.min_p),
-        logits_processors=make_logits_processors(repetition_penalty=options.repetition_penalty),
-        prompt_cache=cache,
-        prefill_step_size=options.prefill_step_size,
-        kv_bits=options.kv_bits,
-        kv_group_size=kv_group_size(model) if options.kv_bits else 64,
-        quantized_kv_start=0,
-        prompt_progress_callback=options.progress,
-        input_embeddings=embeddings[0],
-    )
+    answer = AnswerText(processor)
+    total = len(ids)
 
     def chunk(text: str, token: int | None, n: int, finish: str | None) -> GenerationChunk:
         now = time.perf_counter()
         return GenerationChunk(
             text=text,
             token=token,
-            prompt_tokens=len(ids),
-            prompt_tps=len(ids) / max(first - started, 1e-9),
+            prompt_tokens=total,
+            prompt_tps=total / max(first - started, 1e-9),
             generation_tokens=n,
             generation_tps=(n - 1) / (now - first) if n > 1 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9,
+            peak_memory=peak.gb,
             finish_reason=finish,
         )
 
+    def last_chunk_done(done: int, chunk_total: int) -> None:
+        if progress is not None and done == chunk_total:
+            progress(total, total)
+
     first, token, count, finish = time.perf_counter(), None, 0, "length"
-    with wired_limit(model, [generation_stream]):
+    with wired_limit([generation_stream]):
+        with mx.stream(generation_stream):
+            rest = prefill(model, embeddings, cache, options, progress)
+        tail = ids[total - rest.shape[1] :]
+        steps = generate_step(
+            mx.array(np.maximum(np.asarray(tail), 0), dtype=mx.int32),
+            StepModel(model, len(tail)),
+            max_tokens=options.max_tokens,
+            sampler=make_sampler(options),
+            logits_processors=make_logits_processors(options),
+            prompt_cache=cache,
+            prefill_step_size=options.prefill_step_size,
+            kv_bits=options.kv_bits,
+            kv_group_size=kv_group_size(model) if options.kv_bits else 64,
+            quantized_kv_start=0,
+            prompt_progress_callback=last_chunk_done,
+            input_embeddings=rest[0],
+        )
+        text = ""
         for n, (token, _) in enumerate(steps):
             if n == 0:
                 first = time.perf_counter()
-            if token in stops:
+            if token in answer.stops:
                 finish = "stop"
                 break
             count = n + 1
-            if token not in hidden and token < vocab:
-                detokenizer.add_token(token)
+            text = answer.add(token)
             if count == options.max_tokens:
                 break
-            yield chunk(detokenizer.last_segment, token, count, None)
-    detokenizer.finalize()
-    yield chunk(detokenizer.last_segment, token, count, finish)
+            yield chunk(text, token, count, None)
+            text = ""
+    yield chunk(text + answer.finish(), token, count, finish)
 
 
 def prepare(
@@ -211,20 +323,27 @@ def prepare(
     prompt: str | Sequence[int],
     images: Sequence[ImageInput] | ImageInput | None,
     num_crops: int | None,
+    progress: Progress | None = None,
 ) -> tuple[list[int], mx.array]:
     """Prompt ids (image slots negative) and their input embeddings [1, T, hidden]."""
     if isinstance(prompt, str):
         inputs = processor(prompt, images=images, num_crops=num_crops)
         ids = np.asarray(inputs["input_ids"]).reshape(-1).tolist()
-        return ids, model.embed(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"])
-    ids = [int(t) for t in prompt]
-    if not ids:
-        raise ValueError("the prompt is empty")
-    if images is None:
-        return ids, model.embed(mx.array([ids]))
-    images = images if isinstance(images, (list, tuple)) else [images]
-    pre = processor.preprocess(images, num_crops)
-    return ids, model.embed(mx.array([ids]), pre.pixel_values, pre.image_sizes)
+        pixels, sizes = inputs["pixel_values"], inputs["image_sizes"]
+    else:
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        pixels = sizes = None
+        if images is not None:
+            images = images if isinstance(images, (list, tuple)) else [images]
+            pre = processor.preprocess(images, num_crops)
+            pixels, sizes = pre.pixel_values, pre.image_sizes
+    features = []
+    if pixels is not None:
+        between = None if progress is None else lambda: progress(0, len(ids))
+        features = model.encode_images(pixels, sizes, between_batches=between)
+    return ids, model.merge(mx.array([ids]), features)
 
 
 def stream_generate(
@@ -233,30 +352,30 @@ def stream_generate(
     prompt: str | Sequence[int],
     images: Sequence[ImageInput] | ImageInput | None = None,
     num_crops: int | None = None,
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
-    kv_bits: int | None = None,
-    max_kv_size: int | None = None,
-    prefill_step_size: int = 2048,
-    progress: Callable[[int, int], None] | None = None,
+    *,
+    progress: Progress | None = None,
+    **options: Any,
 ) -> Iterator[GenerationChunk]:
     """Stream the answer to a prompt (a chat-formatted string or token ids), one chunk per step.
 
-    The concatenated chunk texts are the answer; no stop or special token is ever part of it.
+    ``options`` are :class:`SamplingOptions` fields (``max_tokens``, ``temperature``, ``top_p``,
+    ``min_p``, ``top_k``, ``repetition_penalty``, ``seed``, ``kv_bits``, ``max_kv_size``,
+    ``prefill_step_size``). The concatenated chunk texts are the answer; no stop or special token
+    is ever part of it. ``progress(done, total)`` hears of the prompt being read, after each
+    unit of work; an exception it raises stops the generation there.
     """
-    options = SamplingOptions(
-        max_tokens, temperature, top_p, min_p, repetition_penalty, seed, kv_bits, max_kv_size,
-        prefill_step_size, progress,
-    )  # fmt: skip
+    settings = SamplingOptions(**options)
     started = time.perf_counter()
-    mx.reset_peak_memory()
-    ids, embeddings = prepare(model, processor, prompt, images, num_crops)
-    cache = model.make_cache(options.max_kv_size)
-    yield from decode(model, processor, ids, embeddings, cache, options, started)
+    peak = PeakMemory()
+    try:
+        ids, embeddings = prepare(model, processor, prompt, images, num_crops, progress)
+        cache = model.make_cache(settings.max_kv_size)
+        yield from decode(
+            model, processor, ids, embeddings, cache, settings, started=started, peak=peak,
+            progress=progress,
+        )  # fmt: skip
+    finally:
+        peak.close()
 
 
 def collect(chunks: Iterator[GenerationChunk], out: TextIO | None = None) -> GenerationResult:
@@ -299,22 +418,13 @@ def generate(
     prompt: str | Sequence[int],
     images: Sequence[ImageInput] | ImageInput | None = None,
     num_crops: int | None = None,
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
-    kv_bits: int | None = None,
-    max_kv_size: int | None = None,
-    prefill_step_size: int = 2048,
+    *,
     verbose: bool = False,
+    **options: Any,
 ) -> GenerationResult:
-    """The whole answer to a prompt; with ``verbose`` it is printed as it comes, then statistics."""
-    chunks = stream_generate(
-        model, processor, prompt, images, num_crops, max_tokens, temperature, top_p, min_p,
-        repetition_penalty, seed, kv_bits, max_kv_size, prefill_step_size,
-    )  # fmt: skip
+    """The whole answer to a prompt (``options`` as for :func:`stream_generate`); with
+    ``verbose`` it is printed as it comes, then statistics."""
+    chunks = stream_generate(model, processor, prompt, images, num_crops, **options)
     result = collect(chunks, sys.stdout if verbose else None)
     if verbose:
         print("\n==========")

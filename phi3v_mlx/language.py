@@ -13,28 +13,28 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from .config import ModelConfig
 
 
-class RopeHistory:
-    """The last entry of a prompt cache: which rotary factors the cached keys use.
+class RopeState:
+    """Which rotary factors the cached keys of one sequence use, and what switching them needs.
 
     The official code rotates every position of a forward with the long factors once the sequence
     is longer than ``original_max_position_embeddings`` and with the short ones otherwise. When a
-    cached sequence moves across that threshold, the keys are recomputed with the other factor set;
-    for that this entry keeps the input embeddings of the first ``limit`` positions (a rebuild never
-    needs more). ``expected`` announces the full length of a prompt whose prefill is chunked, so
-    that every chunk already uses the factors of the whole prompt.
+    cached sequence moves across that threshold its keys are recomputed with the other factor set,
+    from the input embeddings of its first ``limit`` positions kept here (a switch never needs
+    more). ``expected`` announces the full length of a prompt whose prefill is chunked, so that
+    every chunk already uses the factors of the whole prompt.
     """
 
     def __init__(self, limit: int):
         self.limit = limit
         self.chunks: list[mx.array] = []  # input embeddings [1, n, hidden] of the first positions
         self.kept = 0
-        self.offset = 0
+        self.length = 0
         self.long = False
         self.expected = 0
 
     @property
     def inputs(self) -> mx.array | None:
-        """The kept input embeddings [1, min(offset, limit), hidden]."""
+        """The kept input embeddings [1, min(length, limit), hidden]."""
         if len(self.chunks) > 1:
             self.chunks = [mx.concatenate(self.chunks, axis=1)]
         return self.chunks[0] if self.chunks else None
@@ -44,43 +44,64 @@ class RopeHistory:
         if room > 0:
             self.chunks.append(embeddings[:, :room])
             self.kept += min(room, embeddings.shape[1])
-        self.offset += embeddings.shape[1]
+        self.length += embeddings.shape[1]
 
-    @property
-    def state(self) -> list[mx.array]:
-        return self.chunks
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
+    def trim_to(self, length: int) -> None:
+        self.length = min(self.length, length)
         self.expected = 0
-        if self.kept > self.offset:
-            self.chunks = [self.inputs[:, : self.offset]] if self.offset else []
-            self.kept = self.offset
-        return n
+        if self.kept > self.length:
+            self.chunks = [self.inputs[:, : self.length]] if self.length else []
+            self.kept = self.length
 
-    def size(self) -> int:
-        return self.offset
-
-    def empty(self) -> bool:
-        return self.offset == 0
+    def clear(self) -> None:
+        """Forget the kept positions (``expected`` still announces the prompt being read)."""
+        self.chunks, self.kept, self.length = [], 0, 0
 
     @property
     def nbytes(self) -> int:
         return sum(chunk.nbytes for chunk in self.chunks)
 
 
-def _emptied(cache: Any) -> Any:
-    """The same kind of layer cache, holding nothing."""
-    if cache.is_trimmable():
-        cache.trim(cache.offset)
-        return cache
-    if isinstance(cache, RotatingKVCache):
-        return RotatingKVCache(max_size=cache.max_size, keep=cache.keep)
-    raise ValueError(f"cannot rebuild a {type(cache).__name__} across the rope threshold")
+class PromptCache(list):
+    """The cache of one sequence: its per-layer KV caches, in order (the list mlx-lm's
+    ``generate_step`` reads and updates in place), and the :class:`RopeState` of the positions
+    they hold."""
+
+    def __init__(self, layers: list[Any], rope: RopeState):
+        super().__init__(layers)
+        self.rope = rope
+
+    @property
+    def offset(self) -> int:
+        """Positions held by every layer (a step cut short leaves some layers ahead)."""
+        return min(layer.offset for layer in self)
+
+    def trim_to(self, length: int) -> bool:
+        """Keep only the first ``length`` positions in every layer; False if a layer cannot
+        give positions back (a full rotating cache) or holds fewer."""
+        if any(layer.offset < length for layer in self):
+            return False
+        if any(layer.offset > length and not layer.is_trimmable() for layer in self):
+            return False
+        for layer in self:
+            layer.trim(layer.offset - length)
+        self.rope.trim_to(length)
+        return True
+
+    def clear(self) -> None:
+        """Hold nothing, keeping the kind of each layer cache."""
+        for i, layer in enumerate(self):
+            if layer.is_trimmable():
+                layer.trim(layer.offset)
+            elif isinstance(layer, RotatingKVCache):
+                self[i] = RotatingKVCache(max_size=layer.max_size, keep=layer.keep)
+            else:
+                raise ValueError(f"cannot empty a {type(layer).__name__}")
+        self.rope.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self) + self.rope.nbytes
 
 
 class SuScaledRope:
@@ -100,7 +121,12 @@ class SuScaledRope:
     def is_long(self, length: int) -> bool:
         return self.threshold is not None and length > self.threshold
 
-    def __call__(self, x: mx.array, offset: int, long: bool) -> mx.array:
+    def __call__(self, x: mx.array, offset: int | mx.array, long: bool | mx.array) -> mx.array:
+        """Rotate ``x`` [B, heads, L, head_dim] from position ``offset`` (an int, or one per row)
+        with the long or the short factors (one flag, or a boolean per row)."""
+        if isinstance(long, mx.array):
+            rows = mx.array(long).reshape(-1, 1, 1, 1)
+            return mx.where(rows, self(x, offset, True), self(x, offset, False))
         return mx.fast.rope(
             x,
             self.dims,
@@ -180,56 +206,54 @@ class LanguageModel(nn.Module):
         """Embeddings of token ids; negative ids (image slots) read row 0 until filled."""
         return self.embed_tokens(mx.maximum(input_ids, 0))
 
-    def make_cache(self, max_kv_size: int | None = None) -> list[Any]:
-        """Per-layer KV caches followed by the :class:`RopeHistory` entry."""
+    def make_cache(self, max_kv_size: int | None = None) -> PromptCache:
+        """An empty cache for one sequence (rotating layer caches with ``max_kv_size``)."""
         if max_kv_size is None:
             layers = [KVCache() for _ in self.layers]
         else:
             layers = [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in self.layers]
-        return layers + [RopeHistory(self.config.original_max_position_embeddings)]
+        return PromptCache(layers, RopeState(self.config.original_max_position_embeddings))
 
-    def _prepare(self, h: mx.array, cache: list[Any] | None) -> tuple[mx.array, int, bool]:
-        """Pick the rotary factors of this forward and rebuild the cache if they changed."""
-        if not cache:
-            return h, 0, self.rope.is_long(h.shape[1])
-        history = cache[-1] if isinstance(cache[-1], RopeHistory) else None
-        offset = cache[0].offset
-        length = offset + h.shape[1]
-        if history is None:
-            long = self.rope.is_long(length)
-            if long and 0 < offset and not self.rope.is_long(offset):
-                raise ValueError(
-                    "this cache crosses original_max_position_embeddings and cannot be rebuilt "
-                    "with the long rope factors: create it with model.make_cache()"
-                )
-            return h, offset, long
-        long = self.rope.is_long(max(length, history.expected))
-        new = h
-        if offset and long != history.long:
-            h = mx.concatenate([history.inputs.astype(h.dtype), h], axis=1)
-            for i in range(len(cache) - 1):
-                cache[i] = _emptied(cache[i])
-            offset = 0
-        history.append(new)
-        history.long = long
-        return h, offset, long
-
-    def hidden(self, embeddings: mx.array, cache: list[Any] | None = None) -> mx.array:
-        """Final-norm hidden states [B, L, hidden] of input embeddings [B, L, hidden].
-
-        With a cache that had to be rebuilt, the output covers the re-fed positions too; the
-        last ``L`` rows always belong to the given embeddings.
-        """
-        h, offset, long = self._prepare(embeddings, cache)
-        layer_caches = cache[: len(self.layers)] if cache else [None] * len(self.layers)
+    def run(
+        self,
+        h: mx.array,
+        layer_caches: list[Any] | None,
+        offset: int | mx.array,
+        long: bool | mx.array,
+    ) -> mx.array:
+        """The decoder layers and the final norm over input embeddings ``h`` [B, L, hidden] at
+        positions ``offset``.., rotated with the given factor set."""
+        layer_caches = layer_caches or [None] * len(self.layers)
         mask = create_attention_mask(h, layer_caches[0])
         for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
             h = layer(h, mask, layer_cache, offset, long)
         return self.norm(h)
 
+    def hidden(self, embeddings: mx.array, cache: PromptCache | None = None) -> mx.array:
+        """Final-norm hidden states [B, L, hidden] of input embeddings [B, L, hidden].
+
+        With a cache, the positions follow the cached ones; when the sequence crosses the rope
+        threshold, the cached keys are recomputed with the other factor set first.
+        """
+        length = embeddings.shape[1]
+        if cache is None:
+            return self.run(embeddings, None, 0, self.rope.is_long(length))
+        rope = cache.rope
+        offset = cache.offset
+        long = self.rope.is_long(max(offset + length, rope.expected))
+        h = embeddings
+        if offset and long != rope.long:
+            past = rope.inputs.astype(h.dtype)
+            cache.clear()
+            h = mx.concatenate([past, h], axis=1)
+            offset = 0
+        rope.append(h)
+        rope.long = long
+        return self.run(h, cache, offset, long)[:, -length:]
+
     def __call__(
-        self, embeddings: mx.array, cache: list[Any] | None = None, last_only: bool = False
+        self, embeddings: mx.array, cache: PromptCache | None = None, last_only: bool = False
     ) -> mx.array:
         """Logits [B, L, vocab] for input embeddings [B, L, hidden] (L = 1 with ``last_only``)."""
-        h = self.hidden(embeddings, cache)[:, -1 if last_only else -embeddings.shape[1] :]
-        return self.lm_head(h)
+        h = self.hidden(embeddings, cache)
+        return self.lm_head(h[:, -1:] if last_only else h)

@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig
-from .model import Model
+from .model import Model, internal_name, module_names
 from .processor import Processor
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -40,7 +40,10 @@ def resolve(path_or_repo: str | Path) -> Path:
         return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoadError(f"cannot download {text} from the Hugging Face Hub: {first}") from None
+        raise LoadError(
+            f"cannot download {text} from the Hugging Face Hub: {first} "
+            "(for a model on disk, give its folder: --model PATH)"
+        ) from None
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -131,7 +134,7 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], where: Path) -
 
 def load_model(
     path: Path,
-    dtype: str | None = None,
+    dtype: str | mx.Dtype | None = None,
     lazy: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Model:
@@ -144,12 +147,10 @@ def load_model(
     model = Model(config)
     weights = model.sanitize(read_weights(weight_files(path)))
     if config.quantization:
-        quantize_like_checkpoint(model, config.quantization, weights)
+        quantize_like_checkpoint(model, module_names(config.quantization, internal_name), weights)
     check_weights(model, weights, path)
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise LoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        target = DTYPES[dtype]
+        target = float_dtype(dtype)
         weights = {
             k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
             for k, v in weights.items()
@@ -165,6 +166,15 @@ def load_model(
             if progress is not None:
                 progress(done, total)
     return model
+
+
+def float_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
+    """An MLX float dtype from its name ("float32", "float16", "bfloat16") or itself."""
+    if isinstance(dtype, mx.Dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise LoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} (or mx.float32 ...)")
 
 
 def load_tokenizer(path: Path, eos_token_ids: list[int]) -> Any:
@@ -186,16 +196,22 @@ def load_tokenizer(path: Path, eos_token_ids: list[int]) -> Any:
 
 def load(
     path_or_repo: str | Path,
-    dtype: str | None = None,
+    dtype: str | mx.Dtype | None = None,
     lazy: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Model, Processor]:
     """A model and its processor from a local folder or a Hugging Face Hub id.
 
-    The checkpoint dtype is kept unless ``dtype`` ("float32", "float16", "bfloat16") is given.
+    The checkpoint dtype is kept unless ``dtype`` ("float32", "float16", "bfloat16", or the
+    MLX dtype itself) is given; quantized weights stay quantized.
     """
     path = resolve(path_or_repo)
     model = load_model(path, dtype, lazy, progress)
-    stop = sorted({*model.config.eos_token_ids, 2, 32000, 32007})
-    processor = Processor.from_folder(path, load_tokenizer(path, stop))
-    return model, processor
+    return model, load_processor(path)
+
+
+def load_processor(path: Path) -> Processor:
+    """The processor of a local checkpoint folder (its tokenizer and image settings)."""
+    config = ModelConfig.from_file(path)
+    tokenizer = load_tokenizer(path, sorted({*config.eos_token_ids, 2, 32000, 32007}))
+    return Processor.from_folder(path, tokenizer, config.max_position_embeddings)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -11,7 +11,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import ModelConfig
-from .language import LanguageModel
+from .language import LanguageModel, PromptCache
 from .vision import VisionEncoder
 
 
@@ -43,14 +43,22 @@ class Model(nn.Module):
     def layers(self) -> list[nn.Module]:
         return self.language.layers
 
-    def make_cache(self, max_kv_size: int | None = None) -> list[Any]:
-        """A fresh prompt cache (mlx-lm layer caches plus the rope history entry)."""
+    def make_cache(self, max_kv_size: int | None = None) -> PromptCache:
+        """An empty cache for one sequence."""
         return self.language.make_cache(max_kv_size)
 
-    def encode_images(self, pixel_values: mx.array, image_sizes: Any) -> list[mx.array]:
-        """Per image, the embeddings [num_img_tokens, hidden] that fill its prompt slots."""
+    def encode_images(
+        self,
+        pixel_values: Any,
+        image_sizes: Any,
+        between_batches: Callable[[], None] | None = None,
+    ) -> list[mx.array]:
+        """Per image, the embeddings [num_img_tokens, hidden] that fill its prompt slots.
+
+        ``between_batches()`` is called after each evaluated batch of crops.
+        """
         sizes = np.asarray(image_sizes).reshape(-1, 2).tolist()
-        return self.vision(mx.array(pixel_values), sizes)
+        return self.vision(mx.array(pixel_values), sizes, between_batches)
 
     def merge(
         self, input_ids: mx.array, image_embeds: Sequence[mx.array], start: int = 0
@@ -103,7 +111,7 @@ class Model(nn.Module):
         input_ids: Any,
         pixel_values: Any = None,
         image_sizes: Any = None,
-        cache: list[Any] | None = None,
+        cache: PromptCache | None = None,
         input_embeddings: mx.array | None = None,
     ) -> mx.array:
         if input_embeddings is None:
@@ -111,42 +119,69 @@ class Model(nn.Module):
         return self.language(input_embeddings, cache)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Map official Hugging Face tensor names (and layouts) to this model's."""
+        """Tensors of a checkpoint (official or this package's names) under this model's names
+        and layouts; tensors the model never uses are left out."""
         used_clip_layers = self.config.clip_layers_used
         out = {}
         for name, value in weights.items():
-            new = _rename(name)
-            if new is None:
+            if UNUSED_TENSORS.search(name):
                 continue
+            new = internal_name(name)
             layer = re.match(r"vision\.clip\.layers\.(\d+)\.", new)
             if layer and int(layer.group(1)) >= used_clip_layers:
                 continue
-            if new == "vision.clip.embeddings.patch_embedding.weight" and value.ndim == 4:
-                if value.shape[1] == self.config.vision_config.num_channels:
-                    value = value.transpose(0, 2, 3, 1)
+            if new == "vision.clip.embeddings.patch_embedding.weight":
+                value = conv_layout(value, self.config.vision_config.num_channels)
             out[new] = value
         return out
 
 
-_RENAMES = [
-    (r"^model\.vision_embed_tokens\.img_processor\.vision_model\.post_layernorm\.", None),
-    (r"^model\.vision_embed_tokens\.wte\.", None),
-    (r"\.position_ids$", None),
-    (
-        r"^model\.vision_embed_tokens\.img_processor\.vision_model\.encoder\.layers\.",
-        "vision.clip.layers.",
-    ),
-    (r"^model\.vision_embed_tokens\.img_processor\.vision_model\.", "vision.clip."),
-    (r"^model\.vision_embed_tokens\.img_projection\.0\.", "vision.projection.linear_1."),
-    (r"^model\.vision_embed_tokens\.img_projection\.2\.", "vision.projection.linear_2."),
-    (r"^model\.vision_embed_tokens\.", "vision."),
-    (r"^model\.", "language."),
-    (r"^lm_head\.", "language.lm_head."),
+def conv_layout(weight: mx.array, channels: int) -> mx.array:
+    """A convolution weight in MLX's OHWI layout, given PyTorch's OIHW or OHWI."""
+    if weight.ndim == 4 and weight.shape[1] == channels:
+        return weight.transpose(0, 2, 3, 1)
+    return weight
+
+
+# Official tensor-name prefixes (Hugging Face, and mlx-vlm, which keeps them) and this package's.
+NAME_PREFIXES = [
+    ("model.vision_embed_tokens.img_processor.vision_model.encoder.layers.", "vision.clip.layers."),
+    ("model.vision_embed_tokens.img_processor.vision_model.", "vision.clip."),
+    ("model.vision_embed_tokens.img_projection.0.", "vision.projection.linear_1."),
+    ("model.vision_embed_tokens.img_projection.2.", "vision.projection.linear_2."),
+    ("model.vision_embed_tokens.", "vision."),
+    ("lm_head.", "language.lm_head."),
+    ("model.", "language."),
 ]
+# Official tensors this model has no use for: CLIP's pooler norm, a duplicate of the token
+# embeddings, position-id buffers.
+UNUSED_TENSORS = re.compile(
+    r"^model\.vision_embed_tokens\.(img_processor\.vision_model\.post_layernorm|wte)\."
+    r"|\.position_ids$"
+)
 
 
-def _rename(name: str) -> str | None:
-    for pattern, replacement in _RENAMES:
-        if re.search(pattern, name):
-            return None if replacement is None else re.sub(pattern, replacement, name)
+def _swap_prefix(name: str, side: int) -> str:
+    """``name`` with its longest matching prefix of one side replaced by the other side's."""
+    for pair in sorted(NAME_PREFIXES, key=lambda pair: -len(pair[side])):
+        if name.startswith(pair[side]):
+            return pair[1 - side] + name[len(pair[side]) :]
     return name
+
+
+def internal_name(name: str) -> str:
+    """This package's name of a tensor (or, with a trailing dot, a module) given either name."""
+    return _swap_prefix(name, 0)
+
+
+def official_name(name: str) -> str:
+    """The official name of a tensor given either name."""
+    return _swap_prefix(name, 1)
+
+
+def module_names(quantization: dict[str, Any], rename: Callable[[str], str]) -> dict[str, Any]:
+    """A ``quantization`` config block with its per-module entries renamed by ``rename``."""
+    return {
+        rename(f"{key}.")[:-1] if isinstance(value, (dict, bool)) else key: value
+        for key, value in quantization.items()
+    }

@@ -21,6 +21,7 @@ IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] "
     "+ '<|end|>\n' }}{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != "
@@ -49,7 +50,9 @@ def load_image(
 ) -> Image.Image:
     """An RGB PIL image from a PIL image, a path, encoded bytes or an HWC uint8 array.
 
-    Files and bytes get their EXIF orientation applied; a PIL image is used as given.
+    Whatever the input type, an EXIF orientation is applied (a phone photo comes out upright;
+    the official processor ignores EXIF) and 16-bit grey levels are scaled to 8 bits (Pillow's
+    own conversion would clip them to white).
     """
     name = _describe(source, index)
     if isinstance(source, Image.Image):
@@ -66,6 +69,10 @@ def load_image(
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError(f"{name} has {width}x{height} pixels, over the limit of {max_pixels}")
     try:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in SIXTEEN_BIT_MODES:
+            levels = np.asarray(image, dtype=np.float64) / 257
+            image = Image.fromarray(np.clip(np.round(levels), 0, 255).astype(np.uint8), "L")
         return image.convert("RGB")
     except OSError as e:
         raise ImageError(f"{name} cannot be decoded: {e}") from None
@@ -88,6 +95,8 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
 def _open(source: str | Path | bytes | bytearray, name: str) -> Image.Image:
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
+        if path.is_dir():
+            raise ImageError(f"{name} is a folder, not an image file")
         if not path.is_file():
             raise ImageError(f"{name}: no such file")
         data = path
@@ -98,7 +107,7 @@ def _open(source: str | Path | bytes | bytearray, name: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(data)
             image.load()
-        return ImageOps.exif_transpose(image)
+        return image
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name} is too large: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -190,6 +199,7 @@ class Processor:
         image_mean: Sequence[float] = CLIP_MEAN,
         image_std: Sequence[float] = CLIP_STD,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_positions: int | None = None,
     ):
         self.tokenizer = tokenizer
         self.num_crops = num_crops
@@ -197,10 +207,14 @@ class Processor:
         self.mean = np.asarray(image_mean, dtype=np.float32)
         self.std = np.asarray(image_std, dtype=np.float32)
         self.max_pixels = max_pixels
+        self.max_positions = max_positions
 
     @classmethod
-    def from_folder(cls, path: str | Path, tokenizer: Any) -> Processor:
-        """Settings from ``preprocessor_config.json`` (defaults when absent)."""
+    def from_folder(
+        cls, path: str | Path, tokenizer: Any, max_positions: int | None = None
+    ) -> Processor:
+        """Settings from ``preprocessor_config.json`` (defaults when absent); ``max_positions``
+        is the model's context, which prompts may not exceed."""
         file = Path(path) / "preprocessor_config.json"
         settings = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
         return cls(
@@ -209,13 +223,45 @@ class Processor:
             num_img_tokens=int(settings.get("num_img_tokens", 144)),
             image_mean=settings.get("image_mean", CLIP_MEAN),
             image_std=settings.get("image_std", CLIP_STD),
+            max_positions=max_positions,
         )
 
-    def preprocess(self, images: Sequence[ImageInput], num_crops: int | None = None) -> ImageInputs:
-        """Images to crops: the HD transform, CLIP normalization, the global view, 336-px tiles."""
+    @property
+    def max_num_crops(self) -> int | None:
+        """The most crops per image whose prompt slots fit the context (None: no bound)."""
+        if self.max_positions is None:
+            return None
+        per_crop = self.num_img_tokens + math.isqrt(self.num_img_tokens)
+        return max(1, (self.max_positions - 1) // per_crop - 1)
+
+    def crops(self, num_crops: int | None) -> int:
+        """``num_crops`` checked (the processor's default if None)."""
         num_crops = self.num_crops if num_crops is None else int(num_crops)
         if num_crops < 1:
             raise ValueError(f"num_crops must be at least 1, got {num_crops}")
+        bound = self.max_num_crops
+        if bound is not None and num_crops > bound:
+            raise ValueError(
+                f"num_crops {num_crops} is over {bound}, the most whose image slots fit the "
+                f"model's context of {self.max_positions:,} positions"
+            )
+        return num_crops
+
+    def image_tokens(self, image: Image.Image, num_crops: int) -> int:
+        """Prompt slots of a loaded image, from its size alone (no pixel work)."""
+        width, height = image.size
+        new_w, new_h, transposed = hd_size(width, height, num_crops)
+        padded = (math.ceil(new_h / CROP) * CROP, new_w)
+        rows, cols = padded[::-1] if transposed else padded
+        return num_image_tokens(rows, cols, self.num_img_tokens)
+
+    def load_images(self, images: Sequence[ImageInput]) -> list[Image.Image]:
+        """Decoded RGB images (errors name the image)."""
+        return [load_image(source, i, self.max_pixels) for i, source in enumerate(images)]
+
+    def preprocess(self, images: Sequence[ImageInput], num_crops: int | None = None) -> ImageInputs:
+        """Images to crops: the HD transform, CLIP normalization, the global view, 336-px tiles."""
+        num_crops = self.crops(num_crops)
         crops, sizes, counts = [], [], []
         for i, source in enumerate(images):
             image = load_image(source, i, self.max_pixels)
@@ -232,7 +278,10 @@ class Processor:
         return ImageInputs(pixels, sizes, counts)
 
     def tokenize(self, prompt: str, num_tokens: Sequence[int]) -> list[int]:
-        """Prompt ids: each text chunk tokenized alone (with BOS), ``<|image_k|>`` as -k slots."""
+        """Prompt ids: each text chunk tokenized alone (with BOS), ``<|image_k|>`` as -k slots.
+
+        A prompt longer than the model's context is refused.
+        """
         tags = [int(k) for k in IMAGE_TAG.findall(prompt)]
         missing = sorted({k for k in tags if not 1 <= k <= len(num_tokens)})
         if missing:
@@ -250,7 +299,16 @@ class Processor:
                 k = tags[i - 1]
                 ids.extend([-k] * num_tokens[k - 1])
             ids.extend(self.tokenizer.encode(chunk))
+        self.check_length(len(ids))
         return ids
+
+    def check_length(self, length: int) -> None:
+        """Refuse a prompt of ``length`` positions that does not fit the model's context."""
+        if self.max_positions is not None and length > self.max_positions:
+            raise PromptError(
+                f"the prompt has {length:,} tokens, over the model's context of "
+                f"{self.max_positions:,} (use fewer or smaller images, or a lower num_crops)"
+            )
 
     def __call__(
         self,
@@ -258,13 +316,18 @@ class Processor:
         images: Sequence[ImageInput] | ImageInput | None = None,
         num_crops: int | None = None,
     ) -> dict[str, mx.array | None]:
-        """Model inputs for a prompt (already in chat format) and the images its tags name."""
+        """Model inputs for a prompt (already in chat format) and the images its tags name.
+
+        The prompt's length is checked before any pixel work.
+        """
         if images is None:
             images = []
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        pre = self.preprocess(images, num_crops)
-        ids = self.tokenize(prompt, pre.num_tokens)
+        num_crops = self.crops(num_crops)
+        loaded = self.load_images(images)
+        ids = self.tokenize(prompt, [self.image_tokens(image, num_crops) for image in loaded])
+        pre = self.preprocess(loaded, num_crops)
         return {
             "input_ids": mx.array([ids], dtype=mx.int32),
             "pixel_values": mx.array(pre.pixel_values) if images else None,

@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 
-from .generate import GenerationChunk, GenerationResult, SamplingOptions, collect, decode
+from .generate import (
+    GenerationChunk,
+    GenerationResult,
+    Progress,
+    SamplingOptions,
+    collect,
+    decode,
+)
+from .language import PromptCache
+from .memory import PeakMemory
 from .model import Model
 from .processor import ImageInput, Processor, load_image
 
+ImageKey = tuple[str, int]  # (pixel digest, num_crops)
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+
+def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Length of the longest common prefix of two sequences."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -23,115 +37,81 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def image_digest(image: Any) -> str:
+    """A digest of an RGB PIL image's size and pixels."""
+    return hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
+
+
+@dataclass
+class _Turn:
+    """One question and its answer while it streams."""
+
+    message: dict[str, Any]
+    image_keys: list[ImageKey]  # every image of the conversation, this turn's included
+    ids: list[int]  # the whole rendered conversation, ending with the answer prompt
+    steps: Iterator[GenerationChunk]
+    peak: PeakMemory
+    texts: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # generated ids fed to the cache
+    ended: bool = False
+
+
 class ChatSession:
     """A conversation whose every answer equals ``generate()`` on the whole rendered conversation.
 
     Between turns the session keeps the KV cache (only the tokens after the longest common prefix
     are prefilled) and the projected features of every image, keyed by its pixels and num_crops,
     so a follow-up question about an image neither re-runs the vision tower nor re-reads it.
+
+    One turn is in flight at a time. A turn starts when its stream is first advanced; starting
+    one (or calling :meth:`reset`) while another's stream is still open ends that one first, as
+    closing its stream would. A turn that ends early (its stream closed, Ctrl-C) keeps the answer
+    as far as it was streamed, unless nothing was streamed yet; a turn that fails leaves no
+    trace. Streams may be advanced from several threads: each step runs alone.
     """
 
     def __init__(self, model: Model, processor: Processor, system: str | None = None):
         self.model = model
         self.processor = processor
         self.system = system
+        self._lock = threading.RLock()
+        self._turn: _Turn | None = None
         self.reset()
 
     def reset(self) -> None:
-        """Forget the conversation, its images and its cache."""
-        self.messages: list[dict[str, Any]] = []
-        if self.system:
-            self.messages.append({"role": "system", "content": self.system})
-        self.images: list[tuple[str, int]] = []  # (pixel digest, num_crops) per image, in order
-        self._features: dict[tuple[str, int], mx.array] = {}
-        self._cache: list[Any] | None = None
-        self._cache_key: int | None = None
-        self._ids: list[int] = []  # what the cache holds
-
-    def _add_images(self, images: Sequence[ImageInput], num_crops: int) -> list[tuple[str, int]]:
-        """Load new images (errors before anything changes) and encode those not seen before."""
-        loaded = [load_image(src, len(self.images) + i, self.processor.max_pixels)
-                  for i, src in enumerate(images)]  # fmt: skip
-        keys = []
-        for image in loaded:
-            digest = hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
-            keys.append((digest, num_crops))
-        new = [(key, image) for key, image in zip(keys, loaded, strict=True)
-               if key not in self._features]  # fmt: skip
-        if new:
-            pre = self.processor.preprocess([image for _, image in new], num_crops)
-            embeds = self.model.encode_images(pre.pixel_values, pre.image_sizes)
-            for (key, _), features in zip(new, embeds, strict=True):
-                self._features[key] = features
-        return keys
-
-    def _reusable_prefix(self, ids: list[int], options: SamplingOptions) -> int:
-        """Trim the cache to what the new prompt shares with it (at least one token is fed)."""
-        if self._cache is None or self._cache_key != options.max_kv_size:
-            self._cache = self.model.make_cache(options.max_kv_size)
-            self._cache_key, self._ids = options.max_kv_size, []
-        prefix = min(_common_prefix(self._ids, ids), len(ids) - 1)
-        excess = self._cache[0].offset - prefix
-        if excess > 0:
-            if not all(c.is_trimmable() for c in self._cache):
-                self._cache = self.model.make_cache(options.max_kv_size)
-                self._ids = []
-                return 0
-            for c in self._cache:
-                c.trim(excess)
-        return prefix
+        """Forget the conversation, its images and its cache (ending a turn in flight)."""
+        with self._lock:
+            if self._turn is not None:
+                self._end(self._turn, keep=False)
+            self.messages: list[dict[str, Any]] = []
+            if self.system:
+                self.messages.append({"role": "system", "content": self.system})
+            self.images: list[ImageKey] = []
+            self._features: dict[ImageKey, mx.array] = {}
+            self._cache: PromptCache | None = None
+            self._cache_kv_size: int | None = None
+            self._ids: list[int] = []  # what the cache holds
 
     def stream(
         self,
         text: str,
         images: Sequence[ImageInput] | ImageInput | None = None,
         num_crops: int | None = None,
+        *,
+        progress: Progress | None = None,
         **options: Any,
     ) -> Iterator[GenerationChunk]:
-        """Ask ``text`` (about ``images``, attached to this turn) and stream the answer."""
-        started = time.perf_counter()
-        options = SamplingOptions(**options)
-        mx.reset_peak_memory()
+        """Ask ``text`` (about ``images``, attached to this turn) and stream the answer.
+
+        ``options`` are those of :func:`phi3v_mlx.stream_generate`; they are checked now.
+        """
+        settings = SamplingOptions(**options)
         if images is None:
             images = []
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        num_crops = self.processor.num_crops if num_crops is None else int(num_crops)
-        keys = self._add_images(images, num_crops)
-        message = {
-            "role": "user",
-            "content": [{"type": "image"} for _ in keys] + [{"type": "text", "text": text}],
-        }
-        all_keys = self.images + keys
-        features = [self._features[key] for key in all_keys]
-        prompt = self.processor.apply_chat_template([*self.messages, message])
-        ids = self.processor.tokenize(prompt, [len(f) for f in features])
-        self.messages.append(message)
-        self.images = all_keys
-        prefix = self._reusable_prefix(ids, options)
-        embeddings = self.model.merge(mx.array([ids]), features, start=prefix)
-        texts, fed, clean = [], [], False
-        try:
-            for chunk in decode(
-                self.model, self.processor, ids[prefix:], embeddings, self._cache, options, started
-            ):
-                texts.append(chunk.text)
-                if chunk.token is not None:
-                    fed.append(chunk.token)
-                yield chunk
-            clean = True
-        except GeneratorExit:
-            clean = True
-            raise
-        finally:
-            self.messages.append({"role": "assistant", "content": "".join(texts)})
-            self._ids = ids + fed
-            if not clean or self._cache[0].offset < len(self._ids):
-                self._cache, self._ids = None, []
-            else:
-                excess = self._cache[0].offset - len(self._ids)
-                for c in self._cache:
-                    c.trim(excess)
+        num_crops = self.processor.crops(num_crops)
+        return self._run(text, list(images), num_crops, settings, progress)
 
     def send(
         self,
@@ -142,3 +122,125 @@ class ChatSession:
     ) -> GenerationResult:
         """Ask ``text`` (about ``images``, attached to this turn) and return the whole answer."""
         return collect(self.stream(text, images, num_crops, **options))
+
+    def _run(
+        self,
+        text: str,
+        images: list[ImageInput],
+        num_crops: int,
+        settings: SamplingOptions,
+        progress: Progress | None,
+    ) -> Iterator[GenerationChunk]:
+        started = time.perf_counter()
+        with self._lock:
+            if self._turn is not None:
+                self._end(self._turn, keep=True)
+            turn = self._begin(text, images, num_crops, settings, started, progress)
+        try:
+            while True:
+                with self._lock:
+                    if turn.ended:
+                        return
+                    try:
+                        chunk = next(turn.steps)
+                    except StopIteration:
+                        self._end(turn, keep=True)
+                        return
+                    except KeyboardInterrupt:
+                        self._end(turn, keep=True)
+                        raise
+                    except BaseException:
+                        self._end(turn, keep=False)
+                        raise
+                    turn.texts.append(chunk.text)
+                    if chunk.token is not None:
+                        turn.tokens.append(chunk.token)
+                    if chunk.finish_reason is not None:
+                        self._end(turn, keep=True, complete=True)
+                yield chunk
+        finally:
+            with self._lock:
+                if not turn.ended:
+                    self._end(turn, keep=True)
+
+    def _begin(
+        self,
+        text: str,
+        images: list[ImageInput],
+        num_crops: int,
+        settings: SamplingOptions,
+        started: float,
+        progress: Progress | None,
+    ) -> _Turn:
+        """Load and encode the turn's images, render the conversation and start decoding;
+        an error here changes nothing."""
+        peak = PeakMemory()
+        try:
+            loaded = [load_image(src, len(self.images) + i, self.processor.max_pixels)
+                      for i, src in enumerate(images)]  # fmt: skip
+            keys = [(image_digest(image), num_crops) for image in loaded]
+            message = {
+                "role": "user",
+                "content": [{"type": "image"} for _ in keys] + [{"type": "text", "text": text}],
+            }
+            image_keys = self.images + keys
+            sizes = {**{key: len(f) for key, f in self._features.items()},
+                     **{key: self.processor.image_tokens(image, num_crops)
+                        for key, image in zip(keys, loaded, strict=True)}}  # fmt: skip
+            prompt = self.processor.apply_chat_template([*self.messages, message])
+            ids = self.processor.tokenize(prompt, [sizes[key] for key in image_keys])
+            self._encode(keys, loaded, num_crops)
+            features = [self._features[key] for key in image_keys]
+            prefix = self._reusable_prefix(ids, settings)
+            embeddings = self.model.merge(mx.array([ids]), features, start=prefix)
+        except BaseException:
+            peak.close()
+            raise
+        steps = decode(
+            self.model, self.processor, ids[prefix:], embeddings, self._cache, settings,
+            started=started, peak=peak, progress=progress,
+        )  # fmt: skip
+        self._turn = _Turn(message, image_keys, ids, steps, peak)
+        return self._turn
+
+    def _end(self, turn: _Turn, keep: bool, complete: bool = False) -> None:
+        """Close a turn. Kept (complete, or cut short after some answer was streamed), its
+        question and answer join the conversation; either way the cache keeps exactly the
+        positions that were fully computed."""
+        turn.ended = True
+        if self._turn is turn:
+            self._turn = None
+        turn.steps.close()
+        turn.peak.close()
+        fed = turn.ids + turn.tokens
+        if keep and (complete or turn.tokens):
+            answer = "".join(turn.texts)
+            self.messages += [turn.message, {"role": "assistant", "content": answer}]
+            self.images = turn.image_keys
+        if self._cache is not None:
+            held = min(len(fed), self._cache.offset, self._cache.rope.length)
+            if self._cache.trim_to(held):
+                self._ids = fed[:held]
+            else:
+                self._cache, self._ids = None, []
+
+    def _encode(self, keys: list[ImageKey], images: list[Any], num_crops: int) -> None:
+        """Encode the images not seen before, all in one vision run."""
+        new = {key: image for key, image in zip(keys, images, strict=True)
+               if key not in self._features}  # fmt: skip
+        if new:
+            pre = self.processor.preprocess(list(new.values()), num_crops)
+            embeds = self.model.encode_images(pre.pixel_values, pre.image_sizes)
+            self._features.update(zip(new, embeds, strict=True))
+
+    def _reusable_prefix(self, ids: list[int], settings: SamplingOptions) -> int:
+        """Trim the cache to what the new prompt shares with it (at least one token is fed)."""
+        if self._cache is None or self._cache_kv_size != settings.max_kv_size:
+            self._cache = self.model.make_cache(settings.max_kv_size)
+            self._cache_kv_size, self._ids = settings.max_kv_size, []
+        prefix = min(common_prefix(self._ids, ids), len(ids) - 1)
+        if not self._cache.trim_to(prefix):
+            self._cache = self.model.make_cache(settings.max_kv_size)
+            prefix = 0
+        self._ids = ids[:prefix]
+        return prefix

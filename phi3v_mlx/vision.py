@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -79,7 +79,9 @@ class ClipEmbeddings(nn.Module):
         B = patches.shape[0]
         patches = patches.reshape(B, -1, patches.shape[-1])
         cls = mx.broadcast_to(self.class_embedding.astype(patches.dtype), (B, 1, patches.shape[-1]))
-        return mx.concatenate([cls, patches], axis=1) + self.position_embedding.weight
+        x = mx.concatenate([cls, patches], axis=1)
+        # Called, not read as .weight: a checkpoint may store the table quantized.
+        return x + self.position_embedding(mx.arange(x.shape[1]))
 
 
 class ClipVisionTower(nn.Module):
@@ -134,13 +136,18 @@ class VisionEncoder(nn.Module):
         self.sub_GN = mx.zeros((1, 1, 1, width))
         self.projection = Projector(width, config.hidden_size)
 
-    def crop_features(self, pixel_values: mx.array) -> mx.array:
-        """CLIP patch features of every crop, run in bounded batches and evaluated as they go."""
+    def crop_features(
+        self, pixel_values: mx.array, between_batches: Callable[[], None] | None = None
+    ) -> mx.array:
+        """CLIP patch features of every crop, run in bounded batches and evaluated as they go;
+        ``between_batches()`` is called after each."""
         parts = []
         for start in range(0, pixel_values.shape[0], self.crop_batch_size):
             part = self.clip(pixel_values[start : start + self.crop_batch_size])
             mx.eval(part)
             parts.append(part)
+            if between_batches is not None:
+                between_batches()
         return mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
     def arrange(self, features: mx.array, rows: int, cols: int) -> mx.array:
@@ -163,7 +170,10 @@ class VisionEncoder(nn.Module):
         return mx.concatenate(parts, axis=0)
 
     def __call__(
-        self, pixel_values: mx.array, image_sizes: Sequence[Sequence[int]]
+        self,
+        pixel_values: mx.array,
+        image_sizes: Sequence[Sequence[int]],
+        between_batches: Callable[[], None] | None = None,
     ) -> list[mx.array]:
         """Per image, its projected embeddings [num_img_tokens, hidden].
 
@@ -177,7 +187,7 @@ class VisionEncoder(nn.Module):
                 f"pixel_values holds {pixel_values.shape[0]} crops but image_sizes "
                 f"{[list(map(int, s)) for s in image_sizes]} need {sum(counts)}"
             )
-        features = self.crop_features(pixel_values)
+        features = self.crop_features(pixel_values, between_batches)
         arranged, start = [], 0
         for (rows, cols), count in zip(grids, counts, strict=True):
             arranged.append(self.arrange(features[start : start + count], rows, cols))

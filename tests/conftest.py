@@ -53,6 +53,14 @@ def expected_greedy(variant: str, case: str) -> list[int]:
 
 
 _loaded: dict = {}
+MEASURED: list[str] = []  # lines a test measured, printed once after the run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MEASURED:
+        terminalreporter.section("measured")
+        for line in MEASURED:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session", params=VARIANTS)

@@ -47,3 +47,34 @@ def wide_head_model() -> Model:
     model = Model(ModelConfig.from_dict(values))
     mx.eval(model.parameters())
     return model
+
+
+def mlx_vlm_with_tiny_tower(monkeypatch):
+    """mlx-vlm, its phi3_v vision tower sized like the tiny fixtures' (it always builds CLIP
+    ViT-L otherwise), as ``tests/fixtures/mlx_vlm`` was made."""
+    import types
+
+    from mlx_vlm.models.phi3_v import vision
+
+    config = json.loads((MODELS / "tiny-phi3v" / "config.json").read_text())
+    tower = types.SimpleNamespace(model_type="phi3_v", **{
+        k: config["vision_config"][k]
+        for k in ("hidden_size", "image_size", "intermediate_size", "layer_norm_eps",
+                  "num_attention_heads", "num_channels", "num_hidden_layers", "patch_size")
+    })  # fmt: skip
+    width = 4 * tower.hidden_size
+    original = vision.VisionModel.__init__
+
+    def tiny_init(self, model_config):
+        original(self, model_config)
+        self.image_dim_out = tower.hidden_size
+        self.glb_GN = mx.zeros([1, 1, width])
+        self.sub_GN = mx.zeros([1, 1, 1, width])
+        hidden = model_config.hidden_size
+        self.img_projection = [nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden)]
+
+    monkeypatch.setattr(vision.VisionModel, "CLIP_VIT_LARGE_PATCH14_336_CONFIG", tower)
+    monkeypatch.setattr(vision.VisionModel, "__init__", tiny_init)
+    import mlx_vlm
+
+    return mlx_vlm

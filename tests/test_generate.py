@@ -3,8 +3,10 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.generate import generate_step
 
 import phi3v_mlx
+from phi3v_mlx.generate import StepModel
 from tests.conftest import CASES, MANIFEST, golden_inputs, load_variant, open_image
 from tests.helpers import scripted, wide_head_model
 
@@ -145,3 +147,93 @@ def test_verbose_prints_answer_and_statistics(model35, capsys):
     assert out.startswith(result.text)
     assert "Prompt: " in out and "tokens-per-sec" in out and "Peak memory:" in out
     assert isinstance(mx.get_peak_memory(), int)
+
+
+def test_kv_bits_with_max_kv_size_is_refused(model35):
+    model, processor = model35
+    with pytest.raises(ValueError, match="kv_bits and max_kv_size exclude each other"):
+        phi3v_mlx.generate(model, processor, "hi", kv_bits=4, max_kv_size=64)
+
+
+def test_mlx_lm_feeds_the_prompt_as_step_model_expects(model35):
+    """StepModel leans on generate_step feeding a prompt's positions before the last in one
+    call (whose result it does not read), then the last one alone, then sampled ids. If mlx-lm
+    changes that, this fails: the versions are pinned in pyproject.toml for that reason."""
+    model, processor = model35
+    ids = processor("<|user|>\nWhat is this?<|end|>\n<|assistant|>\n")["input_ids"][0]
+    embeddings = model.embed(ids[None])[0]
+    calls = []
+
+    class Recording(StepModel):
+        def __call__(self, inputs, cache=None, input_embeddings=None):
+            out = super().__call__(inputs, cache, input_embeddings)
+            rows = None if input_embeddings is None else input_embeddings.shape[1]
+            calls.append((inputs.shape[1], rows, out is None))
+            return out
+
+    steps = generate_step(ids, Recording(model, len(ids)), max_tokens=3,
+                          prompt_cache=model.make_cache(), input_embeddings=embeddings)  # fmt: skip
+    tokens = [token for token, _ in steps]
+    n = len(ids)
+    assert calls[:2] == [(n - 1, n - 1, True), (1, 1, False)]
+    assert all(call == (1, None, False) for call in calls[2:]) and len(tokens) == 3
+    assert tokens == phi3v_mlx.generate(model, processor, ids.tolist(), max_tokens=3).tokens
+
+
+def test_installed_mlx_versions_are_the_tested_ones():
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    pinned = {}
+    for line in requires("phi3v-mlx"):
+        requirement = Requirement(line)
+        if requirement.name in ("mlx", "mlx-lm") and not requirement.marker:
+            pinned[requirement.name] = requirement
+        elif requirement.name == "mlx" and requirement.marker.evaluate():
+            pinned["mlx"] = requirement
+    assert set(pinned) == {"mlx", "mlx-lm"}
+    for name, requirement in pinned.items():
+        assert "<" in str(requirement.specifier), f"{name} has no upper bound"
+        assert requirement.specifier.contains(version(name)), (name, version(name))
+
+
+def test_progress_reports_work_done(model35):
+    """Each prefill chunk is reported once computed; 100% comes with the first token."""
+    model, processor = model35
+    prompt = "<|user|>\n" + "word " * 300 + "<|end|>\n<|assistant|>\n"
+    total = len(processor(prompt)["input_ids"][0])
+    head = scripted(model, [])
+    reports = []
+    try:
+        chunks = phi3v_mlx.stream_generate(
+            model, processor, prompt, max_tokens=2, prefill_step_size=64,
+            progress=lambda done, n: reports.append((done, n, head.calls)),
+        )  # fmt: skip
+        first = next(chunks)
+        list(chunks)
+    finally:
+        model.language.lm_head = head.head
+    steps = [done for done, _, _ in reports]
+    assert steps == list(range(64, total - 1, 64))[: len(steps) - 1] + [total]
+    assert all(n == total for _, n, _ in reports)
+    assert all(calls == 0 for _, _, calls in reports[:-1])  # no logits before the last chunk
+    assert reports[-1][2] >= 1 and first.token is not None
+
+
+def test_a_prompt_over_the_context_is_refused_before_pixel_work(model35, monkeypatch):
+    model, processor = model35
+    from phi3v_mlx import processor as processor_module
+
+    def no_pixels(*args):
+        raise AssertionError("the image was resized")
+
+    monkeypatch.setattr(processor_module, "hd_image", no_pixels)
+    image = open_image("b_small")
+    bound = processor.max_num_crops
+    assert bound == (32768 - 1) // 156 - 1
+    with pytest.raises(ValueError, match=f"num_crops 1000 is over {bound}"):
+        phi3v_mlx.generate(model, processor, "<|user|>\n<|image_1|>\nHi", [image], 1000)
+    prompt = "<|user|>\n<|image_1|>\n" + "word " * 8000 + "<|end|>\n"
+    with pytest.raises(ValueError, match="over the model's context of 32,768"):
+        phi3v_mlx.generate(model, processor, prompt, [image], bound)

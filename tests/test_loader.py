@@ -50,6 +50,13 @@ def test_vision_tower_keeps_only_used_layers():
 def test_bad_dtype():
     with pytest.raises(LoadError, match="dtype 'int8'"):
         phi3v_mlx.load(TINY, dtype="int8")
+    with pytest.raises(LoadError, match="is not one of"):
+        phi3v_mlx.load(TINY, dtype=mx.int32)
+
+
+def test_mlx_dtypes_are_accepted():
+    model, _ = phi3v_mlx.load(TINY, dtype=mx.float16)
+    assert {v.dtype for _, v in tree_flatten(model.parameters())} == {mx.float16}
 
 
 def test_missing_config(checkpoint):
@@ -140,7 +147,7 @@ def test_hub_failure_is_one_line(monkeypatch):
         raise OSError("network unreachable\nmore detail")
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", failing)
-    with pytest.raises(LoadError, match="cannot download some/repo.*network unreachable$"):
+    with pytest.raises(LoadError, match="cannot download some/repo.*network unreachable .*--model"):
         phi3v_mlx.load("some/repo")
 
 

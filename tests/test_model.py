@@ -3,8 +3,9 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
+from mlx_lm.models.cache import QuantizedKVCache
 
+from phi3v_mlx.language import PromptCache
 from tests.conftest import CASES, MANIFEST, case_inputs, expected_greedy, golden
 from tests.helpers import wide_head_model
 
@@ -95,7 +96,7 @@ def test_crossing_the_threshold_rebuilds_once_with_long_factors(loaded, variant)
         offset = cache[0].offset
         token = int(mx.argmax(logits[0, -1]).item())
         logits = model(mx.array([[token]]), cache=cache)
-        assert cache[-1].long == (offset + 1 > threshold)
+        assert cache.rope.long == (offset + 1 > threshold)
         assert cache[0].offset == offset + 1
 
 
@@ -106,11 +107,11 @@ def test_chunked_prefill_equals_one_forward(loaded, variant):
     want = expected_greedy(variant, "f_long")[0]
     for announce in (True, False):
         cache = model.make_cache()
-        cache[-1].expected = ids.shape[1] if announce else 0
+        cache.rope.expected = ids.shape[1] if announce else 0
         for start in range(0, ids.shape[1] - 1, 300):
             model.language(model.embed(ids[:, start : min(start + 300, ids.shape[1] - 1)]), cache)
         logits = model(ids[:, -1:], cache=cache)
-        assert cache[-1].long and cache[0].offset == ids.shape[1]
+        assert cache.rope.long and cache.offset == ids.shape[1]
         assert int(mx.argmax(logits[0, -1])) == want
 
 
@@ -119,22 +120,30 @@ def test_trim_below_threshold_returns_to_short_factors(loaded, variant):
     ids = case_inputs(processor, "f_long")["input_ids"]
     cache = model.make_cache()
     model.language(model.embed(ids), cache, True)
-    assert cache[-1].long
-    for c in cache:
-        c.trim(ids.shape[1] - 1000)
+    assert cache.rope.long
+    assert cache.trim_to(1000)
     logits = model(ids[:, 1000:1001], cache=cache)
-    assert not cache[-1].long
+    assert not cache.rope.long
     want = model.language(model.embed(ids[:, :1001]), last_only=True)
     np.testing.assert_allclose(np.array(logits[0, -1]), np.array(want[0, -1]), **TOL)
 
 
-def test_cache_without_history_refuses_to_cross(loaded):
+def test_rebuild_returns_only_the_given_rows(loaded):
+    """Crossing the threshold re-feeds the cached positions but returns the new rows only."""
     model, processor = loaded
-    ids = case_inputs(processor, "f_cross")["input_ids"]
-    cache = [KVCache() for _ in model.layers]
-    model.language(model.embed(ids), cache, True)
-    with pytest.raises(ValueError, match="make_cache"):
-        model(mx.array([[5] * 10]), cache=cache)
+    ids = case_inputs(processor, "f_long")["input_ids"]
+    threshold = model.config.original_max_position_embeddings
+    cache = model.make_cache()
+    embeddings = model.embed(ids)[:, :threshold]
+    model.language.hidden(embeddings[:, :-3], cache)
+    out = model.language.hidden(embeddings[:, -3:], cache)
+    assert out.shape[1] == 3 and not cache.rope.long
+    more = model.language.hidden(model.language.embed(mx.array([[5, 6]])), cache)
+    assert more.shape[1] == 2 and cache.rope.long and cache.offset == threshold + 2
+    whole = model.language.hidden(
+        mx.concatenate([embeddings, model.language.embed(mx.array([[5, 6]]))], axis=1)
+    )
+    np.testing.assert_allclose(np.array(more), np.array(whole[:, -2:]), **TOL)
 
 
 def test_quantized_kv_cache():
@@ -143,8 +152,9 @@ def test_quantized_kv_cache():
     ids = mx.array([[1] + list(range(100, 400))])
     layers = len(model.layers)
     plain = model.make_cache()
-    quant = [QuantizedKVCache(group_size=32, bits=8) for _ in range(layers)]
-    quant.append(model.make_cache()[-1])
+    quant = PromptCache(
+        [QuantizedKVCache(group_size=32, bits=8) for _ in range(layers)], model.make_cache().rope
+    )
     for cache in (plain, quant):
         model(ids, cache=cache)
     a = np.array(model(mx.array([[7]]), cache=plain))[0, -1]

@@ -93,13 +93,33 @@ def _with_orientation(image: Image.Image, orientation: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_exif_orientation_applied_to_files_not_to_pil_images(tmp_path):
-    image = Image.new("RGB", (60, 20), (200, 10, 10))
+def test_exif_orientation_is_applied_to_every_input_type(tmp_path, processor):
+    """A rotated photo comes out upright whether given as a path, bytes or a PIL image."""
+    y, x = np.mgrid[0:20, 0:60]
+    image = Image.fromarray(np.stack([x * 4, y * 12, x + y], -1).astype(np.uint8))
     data = _with_orientation(image, 6)  # rotate 90 degrees clockwise to display
     (tmp_path / "rotated.jpg").write_bytes(data)
-    assert load_image(data).size == (20, 60)
-    assert load_image(tmp_path / "rotated.jpg").size == (20, 60)
-    assert load_image(Image.open(io.BytesIO(data))).size == (60, 20)
+    sources = [data, tmp_path / "rotated.jpg", str(tmp_path / "rotated.jpg"),
+               Image.open(io.BytesIO(data))]  # fmt: skip
+    loaded = [np.asarray(load_image(source)) for source in sources]
+    assert all(a.shape == (60, 20, 3) for a in loaded)
+    for other in loaded[1:]:
+        np.testing.assert_array_equal(other, loaded[0])
+    stored = np.asarray(Image.open(io.BytesIO(data)))  # the pixels as stored, on their side
+    np.testing.assert_array_equal(np.rot90(stored, k=-1), loaded[0])
+    pixels = [processor.preprocess([source], 4).pixel_values for source in sources]
+    for other in pixels[1:]:
+        np.testing.assert_array_equal(other, pixels[0])
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    levels = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    rgb = np.asarray(load_image(tmp_path / "deep.png"))
+    assert (rgb == 255).mean() < 0.01
+    np.testing.assert_array_equal(rgb[..., 0], np.round(levels / 257).astype(np.uint8))
+    np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
 
 
 def test_image_errors(tmp_path):
