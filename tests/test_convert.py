@@ -444,3 +444,24 @@ def test_mlx_vlm_loads_our_output(converted, monkeypatch):
     ours, processor = phi3v_mlx.load(path, dtype="float32")
     ids = processor("<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n")["input_ids"]
     np.testing.assert_allclose(np.array(theirs(ids).logits), np.array(ours(ids)), atol=1e-4)
+
+
+def test_failed_upload_is_one_line_and_keeps_the_output(tmp_path, monkeypatch, capsys):
+    class OfflineApi:
+        def create_repo(self, repo_id, exist_ok):
+            raise OSError("Failed to resolve 'huggingface.co'\n" + "stack frame\n" * 100)
+
+    monkeypatch.setattr("huggingface_hub.HfApi", OfflineApi)
+    out = tmp_path / "q"
+    args = ["phi3v", "convert", "--hf-path", str(MODELS / "tiny-phi3v"), "--mlx-path", str(out),
+            "--upload-repo", "me/tiny"]  # fmt: skip
+    monkeypatch.setattr("sys.argv", args)
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 1
+    assert err[-1] == (
+        f"error: upload to me/tiny failed (Failed to resolve 'huggingface.co'); the converted "
+        f"model is kept at {out}"
+    )
+    assert (out / "model.safetensors").is_file()
