@@ -1,4 +1,6 @@
-"""Model configuration read from a checkpoint's ``config.json``."""
+"""Model configuration read from a checkpoint's ``config.json``: Phi-3-Vision (``phi3_v``) and
+the text models sharing its decoder (``phi3``: Phi-3-mini, -medium, Phi-3.5-mini; ``phimoe``:
+Phi-3.5-MoE)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 MODEL_TYPE = "phi3_v"
+MODEL_TYPES = ("phi3_v", "phi3", "phimoe")
 
 
 class ConfigError(ValueError):
@@ -17,10 +20,10 @@ class ConfigError(ValueError):
 
 
 def _check_model_type(model_type: Any) -> None:
-    if model_type != MODEL_TYPE:
+    if model_type not in MODEL_TYPES:
         raise ConfigError(
-            f"model_type {model_type!r} is not Phi-3-Vision: "
-            f"phi3v-mlx runs checkpoints with model_type {MODEL_TYPE!r}"
+            f"model_type {model_type!r} is not one phi3v-mlx runs "
+            f"({', '.join(MODEL_TYPES)}: Phi-3(.5)-Vision, Phi-3(.5) text models, Phi-3.5-MoE)"
         )
 
 
@@ -98,11 +101,14 @@ class EmbeddingConfig:
 
 @dataclass
 class RopeScaling:
-    """Su-scaled (LongRoPE) rotary embedding factors, one per rotary frequency."""
+    """Su-scaled (LongRoPE) rotary embedding factors, one per rotary frequency, and (Phi-3.5-MoE)
+    the multipliers of cos and sin in each regime."""
 
     type: str
     short_factor: list[float]
     long_factor: list[float]
+    short_mscale: float | None = None
+    long_mscale: float | None = None
 
     def __post_init__(self):
         if self.type not in ("su", "longrope"):
@@ -130,6 +136,12 @@ class ModelConfig:
     pad_token_id: int | None = None
     tie_word_embeddings: bool = False
     torch_dtype: str | None = None
+    sliding_window: int | None = None
+    attention_bias: bool = False
+    lm_head_bias: bool = False
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
+    router_jitter_noise: float = 0.01
     embd_layer: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     img_processor: ImageProcessorConfig = field(default_factory=ImageProcessorConfig)
     vision_config: VisionConfig = field(default_factory=VisionConfig)
@@ -151,13 +163,20 @@ class ModelConfig:
             self.img_processor = _from_dict(ImageProcessorConfig, self.img_processor)
         if isinstance(self.vision_config, dict):
             self.vision_config = _from_dict(VisionConfig, self.vision_config)
-        if self.img_processor.image_dim_out != self.vision_config.hidden_size:
-            raise ConfigError("img_processor.image_dim_out must equal the CLIP hidden size")
         if self.rope_scaling is not None:
             half = self.head_dim // 2
             for name in ("short_factor", "long_factor"):
                 if len(getattr(self.rope_scaling, name)) != half:
                     raise ConfigError(f"rope_scaling.{name} needs {half} values (head_dim / 2)")
+        if self.model_type == "phimoe":
+            if self.num_local_experts < 1:
+                raise ConfigError("num_local_experts must be at least 1")
+            if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+                raise ConfigError("num_experts_per_tok must be between 1 and num_local_experts")
+        if not self.has_vision:
+            return
+        if self.img_processor.image_dim_out != self.vision_config.hidden_size:
+            raise ConfigError("img_processor.image_dim_out must equal the CLIP hidden size")
         layers = self.vision_config.num_hidden_layers
         if not -(layers + 1) <= self.img_processor.layer_idx <= layers:
             raise ConfigError(
@@ -165,18 +184,39 @@ class ModelConfig:
             )
 
     @property
+    def has_vision(self) -> bool:
+        """Whether the model reads images (Phi-3-Vision) or text only."""
+        return self.model_type == MODEL_TYPE
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
     @property
     def rope_mscale(self) -> float:
-        """The factor the su-scaled rotary embedding multiplies cos and sin by."""
+        """The factor the su-scaled rotary embedding multiplies cos and sin by (computed from the
+        context extension, as Phi-3 does)."""
         if self.rope_scaling is None:
             return 1.0
         scale = self.max_position_embeddings / self.original_max_position_embeddings
         if scale <= 1.0:
             return 1.0
         return math.sqrt(1 + math.log(scale) / math.log(self.original_max_position_embeddings))
+
+    @property
+    def rope_mscales(self) -> tuple[float, float]:
+        """The cos and sin multipliers of the short and the long regime: the configured ones
+        (Phi-3.5-MoE) or the computed one for both."""
+        scaling = self.rope_scaling
+        short = scaling.short_mscale if scaling and scaling.short_mscale else self.rope_mscale
+        long = scaling.long_mscale if scaling and scaling.long_mscale else self.rope_mscale
+        return short, long
+
+    @property
+    def long_at_threshold(self) -> bool:
+        """Whether a sequence of exactly ``original_max_position_embeddings`` positions uses the
+        long factors (Phi-3.5-MoE's code: at and above it; Phi-3's: above it)."""
+        return self.model_type == "phimoe"
 
     @property
     def clip_layers_used(self) -> int:

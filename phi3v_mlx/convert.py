@@ -1,4 +1,5 @@
-"""Convert Hugging Face (or MLX) Phi-3-Vision weights to MLX, optionally quantized."""
+"""Convert Hugging Face (or MLX) Phi-3-Vision and Phi-3 text weights to MLX, optionally
+quantized."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import dequantize_model
 
 from .config import ModelConfig
@@ -29,7 +31,7 @@ from .loader import (
     resolve,
     weight_files,
 )
-from .model import Model, conv_layout, module_names, official_name
+from .model import Model, conv_layout, module_names, official_name, stack_experts
 
 Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
@@ -66,10 +68,10 @@ def source_weights(path: Path, config: dict[str, Any], skeleton: Model) -> dict[
     """Every tensor of the source under its official name, dequantized, the patch convolution in
     MLX's layout, checked against the model and still unread."""
     channels = skeleton.config.vision_config.num_channels
-    weights = {
+    weights = stack_experts({
         official_name(name): conv_layout(value, channels) if "patch_embedding" in name else value
         for name, value in read_weights(weight_files(path)).items()
-    }
+    })  # fmt: skip
     quantization = module_names(config.get("quantization") or {}, official_name)
     for name in [n for n in weights if n.endswith(".scales")]:
         base = name[: -len(".scales")]
@@ -94,14 +96,16 @@ def _any_layer(path: str) -> str:
 
 def quantizable(skeleton: Model, quantize_vision: bool) -> dict[str, int]:
     """Official paths (layer index ``*``) of the modules to quantize and their input widths: the
-    decoder's linear layers, token embeddings and LM head, and with ``quantize_vision`` the CLIP
-    and projector linear layers (never CLIP's position table or patch convolution)."""
+    decoder's linear layers (experts included), token embeddings and LM head, and with
+    ``quantize_vision`` the CLIP and projector linear layers. Never CLIP's position table or patch
+    convolution, nor an MoE router, whose choices quantization would change."""
     paths = {}
     for path, module in skeleton.named_modules():
         vision = path.startswith("vision.")
-        if vision and not quantize_vision:
+        if (vision and not quantize_vision) or path.endswith("block_sparse_moe.gate"):
             continue
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Embedding) and not vision):
+        linear = isinstance(module, (nn.Linear, SwitchLinear))
+        if linear or (isinstance(module, nn.Embedding) and not vision):
             paths[_any_layer(official_name(f"{path}.")[:-1])] = module.weight.shape[-1]
     return paths
 
@@ -218,16 +222,20 @@ def save_shards(
 def _model_card(source: str, config: dict[str, Any]) -> str:
     quant = config.get("quantization")
     what = f"{quant['bits']}-bit (group size {quant['group_size']})" if quant else "unquantized"
+    vision = config["model_type"] == "phi3_v"
+    peer = "mlx-vlm" if vision else "mlx-lm"
+    command = (
+        'phi3v generate --model <this repo> --image photo.jpg --prompt "Describe it."'
+        if vision
+        else 'phi3v generate --model <this repo> --prompt "Hello!"'
+    )
     return (
-        "---\nlibrary_name: mlx\ntags: [mlx, phi3_v, vision]\n---\n"
+        f"---\nlibrary_name: mlx\ntags: [mlx, {config['model_type']}]\n---\n"
         f"# {Path(source).name} for MLX\n\nConverted from `{source}` with phi3v-mlx: {what}, "
         f"other tensors in {config.get('torch_dtype')}. The tensor names and config are those "
-        "mlx-vlm reads, so both packages load it.\n\n"
+        f"{peer} reads, so both packages load it.\n\n"
         "phi3v-mlx is not on PyPI: install it from a clone of its repository "
-        "(`pip install -e .` in the clone), then:\n\n"
-        "```bash\n"
-        'phi3v generate --model <this repo> --image photo.jpg --prompt "Describe it."\n'
-        "```\n"
+        f"(`pip install -e .` in the clone), then:\n\n```bash\n{command}\n```\n"
     )
 
 
@@ -290,9 +298,10 @@ def calibration_image() -> np.ndarray:
 
 
 def calibration_inputs(processor: Any) -> list[dict[str, Any]]:
-    """The calibration prompts as model inputs, the image prompt last."""
+    """The calibration prompts as model inputs, for a vision model the image prompt last."""
     inputs = [processor(p) for p in CALIBRATION_PROMPTS]
-    inputs.append(processor(IMAGE_PROMPT, images=[calibration_image()], num_crops=1))
+    if processor.vision:
+        inputs.append(processor(IMAGE_PROMPT, images=[calibration_image()], num_crops=1))
     return inputs
 
 

@@ -1,7 +1,8 @@
-"""The Phi-3 decoder with su-scaled (LongRoPE) rotary embeddings."""
+"""The Phi-3 decoder (and Phi-3.5-MoE's) with su-scaled (LongRoPE) rotary embeddings."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -9,6 +10,8 @@ import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.phimoe import sparsemixer
+from mlx_lm.models.switch_layers import SwitchGLU
 
 from .config import ModelConfig
 
@@ -104,6 +107,15 @@ class PromptCache(list):
         return sum(layer.nbytes for layer in self) + self.rope.nbytes
 
 
+@dataclass(frozen=True)
+class Rotation:
+    """The rotary embedding of one forward: the long or the short factors, and the multiplier of
+    cos and sin (``mscale``); each is one value, or one per row of a batch."""
+
+    long: bool | mx.array
+    mscale: float | mx.array
+
+
 class SuScaledRope:
     """Rotary frequencies for short and long sequences, and the threshold between them."""
 
@@ -117,15 +129,26 @@ class SuScaledRope:
         self.short = mx.array(short, dtype=mx.float32) * base
         self.long = mx.array(long, dtype=mx.float32) * base
         self.threshold = config.original_max_position_embeddings if scaling else None
+        self.long_at_threshold = config.long_at_threshold
+        self.short_mscale, self.long_mscale = config.rope_mscales
 
     def is_long(self, length: int) -> bool:
-        return self.threshold is not None and length > self.threshold
+        """Whether a forward over ``length`` positions (cached ones included) uses the long
+        factors."""
+        if self.threshold is None:
+            return False
+        return length >= self.threshold if self.long_at_threshold else length > self.threshold
+
+    def rotation(self, length: int) -> Rotation:
+        """The rotation of a forward over ``length`` positions (cached ones included)."""
+        past = self.threshold is not None and length > self.threshold
+        return Rotation(self.is_long(length), self.long_mscale if past else self.short_mscale)
 
     def __call__(self, x: mx.array, offset: int | mx.array, long: bool | mx.array) -> mx.array:
         """Rotate ``x`` [B, heads, L, head_dim] from position ``offset`` (an int, or one per row)
         with the long or the short factors (one flag, or a boolean per row)."""
         if isinstance(long, mx.array):
-            rows = mx.array(long).reshape(-1, 1, 1, 1)
+            rows = long.reshape(-1, 1, 1, 1)
             return mx.where(rows, self(x, offset, True), self(x, offset, False))
         return mx.fast.rope(
             x,
@@ -139,30 +162,51 @@ class SuScaledRope:
 
 
 class Attention(nn.Module):
+    """Grouped-query attention: one fused ``qkv_proj`` (Phi-3), or biased ``q_proj``, ``k_proj``
+    and ``v_proj`` (Phi-3.5-MoE)."""
+
     def __init__(self, config: ModelConfig, rope: SuScaledRope):
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        # su scaling multiplies cos and sin by mscale for queries and keys: mscale^2 on the scores.
-        self.scale = config.rope_mscale**2 / self.head_dim**0.5
-        width = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        dims, q_width = config.hidden_size, self.n_heads * self.head_dim
+        kv_width = self.n_kv_heads * self.head_dim
+        bias = config.attention_bias
+        if config.model_type == "phimoe":
+            self.q_proj = nn.Linear(dims, q_width, bias=bias)
+            self.k_proj = nn.Linear(dims, kv_width, bias=bias)
+            self.v_proj = nn.Linear(dims, kv_width, bias=bias)
+        else:
+            self.qkv_proj = nn.Linear(dims, q_width + 2 * kv_width, bias=bias)
+        self.o_proj = nn.Linear(q_width, dims, bias=bias)
         self.rope = rope
 
-    def __call__(self, x: mx.array, mask: Any, cache: Any, offset: int, long: bool) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask: Any, cache: Any, offset: int | mx.array, rotation: Rotation
+    ) -> mx.array:
         B, L, _ = x.shape
-        q_end = self.n_heads * self.head_dim
-        q, k, v = mx.split(self.qkv_proj(x), [q_end, q_end + self.n_kv_heads * self.head_dim], -1)
+        if "qkv_proj" in self:
+            q_end = self.n_heads * self.head_dim
+            q, k, v = mx.split(
+                self.qkv_proj(x), [q_end, q_end + self.n_kv_heads * self.head_dim], -1
+            )
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q = self.rope(q, offset, long)
-        k = self.rope(k, offset, long)
+        q = self.rope(q, offset, rotation.long)
+        k = self.rope(k, offset, rotation.long)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        # mscale multiplies cos and sin for queries and keys: mscale^2 on the scores.
+        scale = self.head_dim**-0.5
+        if isinstance(rotation.mscale, mx.array):
+            q = q * (rotation.mscale**2).astype(q.dtype).reshape(-1, 1, 1, 1)
+        else:
+            scale *= rotation.mscale**2
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -177,17 +221,53 @@ class MLP(nn.Module):
         return self.down_proj(swiglu(gate, up))
 
 
+class SparseMoE(nn.Module):
+    """Phi-3.5-MoE's experts: each token goes to its chosen experts by the inference rule of the
+    official sparsemixer (the 2% band around each choice, weights not renormalized)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.jitter_eps = config.router_jitter_noise
+        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.switch_mlp = SwitchGLU(
+            config.hidden_size, config.intermediate_size, config.num_local_experts
+        )
+
+    def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """The chosen experts [..., top_k] of each position and their weights."""
+        return sparsemixer(self.gate(x), top_k=self.top_k, jitter_eps=self.jitter_eps)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        experts, weights = self.route(x)
+        y = self.switch_mlp(x, experts)
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+def _norm(config: ModelConfig) -> nn.Module:
+    """RMSNorm, or LayerNorm with a bias (Phi-3.5-MoE)."""
+    if config.model_type == "phimoe":
+        return nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, rope: SuScaledRope):
         super().__init__()
         self.self_attn = Attention(config, rope)
-        self.mlp = MLP(config)
-        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.model_type == "phimoe":
+            self.block_sparse_moe = SparseMoE(config)
+        else:
+            self.mlp = MLP(config)
+        self.input_layernorm = _norm(config)
+        self.post_attention_layernorm = _norm(config)
 
-    def __call__(self, x: mx.array, mask: Any, cache: Any, offset: int, long: bool) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), mask, cache, offset, long)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(
+        self, x: mx.array, mask: Any, cache: Any, offset: int | mx.array, rotation: Rotation
+    ) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), mask, cache, offset, rotation)
+        feed_forward = self.block_sparse_moe if "block_sparse_moe" in self else self.mlp
+        return x + feed_forward(self.post_attention_layernorm(x))
 
 
 class LanguageModel(nn.Module):
@@ -199,8 +279,8 @@ class LanguageModel(nn.Module):
         self.rope = SuScaledRope(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config, self.rope) for _ in range(config.num_hidden_layers)]
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.norm = _norm(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
 
     def embed(self, input_ids: mx.array) -> mx.array:
         """Embeddings of token ids; negative ids (image slots) read row 0 until filled."""
@@ -219,15 +299,25 @@ class LanguageModel(nn.Module):
         h: mx.array,
         layer_caches: list[Any] | None,
         offset: int | mx.array,
-        long: bool | mx.array,
+        rotation: Rotation,
     ) -> mx.array:
         """The decoder layers and the final norm over input embeddings ``h`` [B, L, hidden] at
-        positions ``offset``.., rotated with the given factor set."""
+        positions ``offset``.., with the given rotary embedding."""
         layer_caches = layer_caches or [None] * len(self.layers)
-        mask = create_attention_mask(h, layer_caches[0])
+        mask = create_attention_mask(
+            h, layer_caches[0], window_size=self._window(h, layer_caches[0])
+        )
         for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
-            h = layer(h, mask, layer_cache, offset, long)
+            h = layer(h, mask, layer_cache, offset, rotation)
         return self.norm(h)
+
+    def _window(self, h: mx.array, layer_cache: Any) -> int | None:
+        """The sliding window, when the keys of this forward can reach beyond it."""
+        window = self.config.sliding_window
+        if not window or layer_cache is None:
+            return window if window and h.shape[1] > window else None
+        held = layer_cache.offset if isinstance(layer_cache.offset, int) else layer_cache.size()
+        return window if held + h.shape[1] > window else None
 
     def hidden(self, embeddings: mx.array, cache: PromptCache | None = None) -> mx.array:
         """Final-norm hidden states [B, L, hidden] of input embeddings [B, L, hidden].
@@ -237,19 +327,19 @@ class LanguageModel(nn.Module):
         """
         length = embeddings.shape[1]
         if cache is None:
-            return self.run(embeddings, None, 0, self.rope.is_long(length))
+            return self.run(embeddings, None, 0, self.rope.rotation(length))
         rope = cache.rope
         offset = cache.offset
-        long = self.rope.is_long(max(offset + length, rope.expected))
+        rotation = self.rope.rotation(max(offset + length, rope.expected))
         h = embeddings
-        if offset and long != rope.long:
+        if offset and rotation.long != rope.long:
             past = rope.inputs.astype(h.dtype)
             cache.clear()
             h = mx.concatenate([past, h], axis=1)
             offset = 0
         rope.append(h)
-        rope.long = long
-        return self.run(h, cache, offset, long)[:, -length:]
+        rope.long = rotation.long
+        return self.run(h, cache, offset, rotation)[:, -length:]
 
     def __call__(
         self, embeddings: mx.array, cache: PromptCache | None = None, last_only: bool = False

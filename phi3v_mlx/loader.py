@@ -214,4 +214,6 @@ def load_processor(path: Path) -> Processor:
     """The processor of a local checkpoint folder (its tokenizer and image settings)."""
     config = ModelConfig.from_file(path)
     tokenizer = load_tokenizer(path, sorted({*config.eos_token_ids, 2, 32000, 32007}))
-    return Processor.from_folder(path, tokenizer, config.max_position_embeddings)
+    return Processor.from_folder(
+        path, tokenizer, config.max_position_embeddings, vision=config.has_vision
+    )

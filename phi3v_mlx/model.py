@@ -1,4 +1,5 @@
-"""Phi-3-Vision: vision encoder and decoder joined by filling image slots with image embeddings."""
+"""The model: for Phi-3-Vision, the vision encoder and the decoder joined by filling image slots
+with image embeddings; for the Phi-3 text models, the decoder alone."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.vision = VisionEncoder(config)
+        self.vision = VisionEncoder(config) if config.has_vision else None
         self.language = LanguageModel(config)
 
     @property
@@ -57,6 +58,8 @@ class Model(nn.Module):
 
         ``between_batches()`` is called after each evaluated batch of crops.
         """
+        if self.vision is None:
+            raise ValueError(f"this is a text model ({self.config.model_type}): it reads no images")
         sizes = np.asarray(image_sizes).reshape(-1, 2).tolist()
         return self.vision(mx.array(pixel_values), sizes, between_batches)
 
@@ -123,7 +126,7 @@ class Model(nn.Module):
         and layouts; tensors the model never uses are left out."""
         used_clip_layers = self.config.clip_layers_used
         out = {}
-        for name, value in weights.items():
+        for name, value in stack_experts(weights).items():
             if UNUSED_TENSORS.search(name):
                 continue
             new = internal_name(name)
@@ -134,6 +137,30 @@ class Model(nn.Module):
                 value = conv_layout(value, self.config.vision_config.num_channels)
             out[new] = value
         return out
+
+
+EXPERT_TENSOR = re.compile(r"^(.*\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.(\w+)$")
+EXPERT_PROJECTIONS = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+def stack_experts(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Phi-3.5-MoE's per-expert tensors (``experts.E.w1``..) stacked into the ``switch_mlp``
+    projections mlx-lm uses (``gate_proj`` = w1, ``down_proj`` = w2, ``up_proj`` = w3); other
+    tensors as they are."""
+    out, groups = {}, {}
+    for name, value in weights.items():
+        match = EXPERT_TENSOR.match(name)
+        if match is None:
+            out[name] = value
+            continue
+        block, expert, projection, kind = match.groups()
+        key = f"{block}.switch_mlp.{EXPERT_PROJECTIONS[projection]}.{kind}"
+        groups.setdefault(key, {})[int(expert)] = value
+    for key, experts in groups.items():
+        if sorted(experts) != list(range(len(experts))):
+            raise ValueError(f"the experts of {key} are not numbered 0..{len(experts) - 1}")
+        out[key] = mx.stack([experts[e] for e in range(len(experts))])
+    return out
 
 
 def conv_layout(weight: mx.array, channels: int) -> mx.array:

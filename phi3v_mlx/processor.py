@@ -200,8 +200,10 @@ class Processor:
         image_std: Sequence[float] = CLIP_STD,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         max_positions: int | None = None,
+        vision: bool = True,
     ):
         self.tokenizer = tokenizer
+        self.vision = vision
         self.num_crops = num_crops
         self.num_img_tokens = num_img_tokens
         self.mean = np.asarray(image_mean, dtype=np.float32)
@@ -211,10 +213,11 @@ class Processor:
 
     @classmethod
     def from_folder(
-        cls, path: str | Path, tokenizer: Any, max_positions: int | None = None
+        cls, path: str | Path, tokenizer: Any, max_positions: int | None = None, vision: bool = True
     ) -> Processor:
         """Settings from ``preprocessor_config.json`` (defaults when absent); ``max_positions``
-        is the model's context, which prompts may not exceed."""
+        is the model's context, which prompts may not exceed; ``vision`` False for a text model,
+        whose prompts are plain text and which takes no images."""
         file = Path(path) / "preprocessor_config.json"
         settings = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
         return cls(
@@ -224,6 +227,7 @@ class Processor:
             image_mean=settings.get("image_mean", CLIP_MEAN),
             image_std=settings.get("image_std", CLIP_STD),
             max_positions=max_positions,
+            vision=vision,
         )
 
     @property
@@ -255,12 +259,16 @@ class Processor:
         rows, cols = padded[::-1] if transposed else padded
         return num_image_tokens(rows, cols, self.num_img_tokens)
 
-    def load_images(self, images: Sequence[ImageInput]) -> list[Image.Image]:
-        """Decoded RGB images (errors name the image)."""
-        return [load_image(source, i, self.max_pixels) for i, source in enumerate(images)]
+    def load_images(self, images: Sequence[ImageInput], first: int = 0) -> list[Image.Image]:
+        """Decoded RGB images, numbered from ``first`` in errors; a text model refuses any."""
+        if images and not self.vision:
+            raise ImageError("this is a text model: it takes no images")
+        return [load_image(source, first + i, self.max_pixels) for i, source in enumerate(images)]
 
     def preprocess(self, images: Sequence[ImageInput], num_crops: int | None = None) -> ImageInputs:
         """Images to crops: the HD transform, CLIP normalization, the global view, 336-px tiles."""
+        if images and not self.vision:
+            raise ImageError("this is a text model: it takes no images")
         num_crops = self.crops(num_crops)
         crops, sizes, counts = [], [], []
         for i, source in enumerate(images):
@@ -278,10 +286,15 @@ class Processor:
         return ImageInputs(pixels, sizes, counts)
 
     def tokenize(self, prompt: str, num_tokens: Sequence[int]) -> list[int]:
-        """Prompt ids: each text chunk tokenized alone (with BOS), ``<|image_k|>`` as -k slots.
+        """Prompt ids: each text chunk tokenized alone (with BOS), ``<|image_k|>`` as -k slots
+        (a text model's prompt is plain text, tokenized whole).
 
         A prompt longer than the model's context is refused.
         """
+        if not self.vision:
+            ids = self.tokenizer.encode(prompt)
+            self.check_length(len(ids))
+            return ids
         tags = [int(k) for k in IMAGE_TAG.findall(prompt)]
         missing = sorted({k for k in tags if not 1 <= k <= len(num_tokens)})
         if missing:
@@ -348,6 +361,8 @@ class Processor:
                     kind = part.get("type") if isinstance(part, dict) else None
                     if kind == "text":
                         text.append(part.get("text", ""))
+                    elif kind in ("image", "image_url") and not self.vision:
+                        raise ImageError("this is a text model: it takes no images")
                     elif kind in ("image", "image_url"):
                         count += 1
                         text.append(f"<|image_{count}|>\n")

@@ -22,7 +22,7 @@ from .generate import (
 from .language import PromptCache
 from .memory import PeakMemory
 from .model import Model
-from .processor import ImageInput, Processor, load_image
+from .processor import ImageInput, Processor
 
 ImageKey = tuple[str, int]  # (pixel digest, num_crops)
 
@@ -176,8 +176,7 @@ class ChatSession:
         an error here changes nothing."""
         peak = PeakMemory()
         try:
-            loaded = [load_image(src, len(self.images) + i, self.processor.max_pixels)
-                      for i, src in enumerate(images)]  # fmt: skip
+            loaded = self.processor.load_images(images, first=len(self.images))
             keys = [(image_digest(image), num_crops) for image in loaded]
             message = {
                 "role": "user",

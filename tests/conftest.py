@@ -17,6 +17,10 @@ CONFIGS = FIXTURES / "configs"
 VARIANTS = ["tiny-phi3v", "tiny-phi35v"]
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text(encoding="utf-8"))
 CASES = list(MANIFEST["cases"])
+TEXT = FIXTURES / "text"
+TEXT_MANIFEST = json.loads((TEXT / "golden" / "manifest.json").read_text(encoding="utf-8"))
+TEXT_VARIANTS = list(TEXT_MANIFEST["variants"])
+TEXT_CASES = list(TEXT_MANIFEST["cases"])
 
 
 def open_image(name: str) -> Image.Image:
@@ -71,7 +75,8 @@ def variant(request) -> str:
 def load_variant(variant: str):
     """(model, processor) of a variant in float32, the precision the goldens were made in."""
     if variant not in _loaded:
-        _loaded[variant] = phi3v_mlx.load(MODELS / variant, dtype="float32")
+        folder = TEXT / "models" / variant if variant in TEXT_VARIANTS else MODELS / variant
+        _loaded[variant] = phi3v_mlx.load(folder, dtype="float32")
     return _loaded[variant]
 
 
