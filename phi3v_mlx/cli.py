@@ -178,7 +178,9 @@ def _options(**values: Any) -> SamplingOptions:
     return SamplingOptions(**values)
 
 
-def _processor(model: str, dtype: str | None, num_crops: int | None) -> tuple[Path, Processor]:
+def _processor(
+    model: str, dtype: str | None, num_crops: int | None, quiet: bool = False
+) -> tuple[Path, Processor]:
     """The model folder and its processor (cheap: ``num_crops`` and ``dtype`` are checked here,
     before the weights load), with a one-line note on what the checkpoint's precision costs on
     the CPU backend."""
@@ -189,7 +191,7 @@ def _processor(model: str, dtype: str | None, num_crops: int | None) -> tuple[Pa
     processor.crops(num_crops)
     config = ModelConfig.from_file(path)
     note = cpu_advice(config.torch_dtype, bool(config.quantization), dtype)
-    if note:
+    if note and not quiet:
         typer.echo(note, err=True)
     return path, processor
 
@@ -362,6 +364,65 @@ def chat(
             typer.echo(summary(result), err=True)
     if failed and not interactive:
         raise typer.Exit(1)
+
+
+@app.command()
+def batch(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="Image files, folders of images, .jsonl manifests.", metavar="INPUTS"),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Results (JSONL), appended.")],
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="The question for every image.")
+    ] = None,
+    model: ModelOption = DEFAULT_MODEL,
+    system: SystemOption = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows decoded together.")] = 8,
+    max_tokens: MaxTokensOption = 256,
+    temp: TempOption = 0.0,
+    top_p: TopPOption = 1.0,
+    seed: SeedOption = None,
+    num_crops: NumCropsOption = None,
+    dtype: DtypeOption = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start over instead of resuming.")
+    ] = False,
+) -> None:
+    """Answer one question about many images, resumably, into a JSONL file."""
+    from .batch_run import collect_inputs, run
+
+    options = _options(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    items = collect_inputs(inputs, prompt)
+    if not output.parent.is_dir():
+        raise ValueError(f"--output {output}: the folder {output.parent} does not exist")
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder")
+
+    def load(first: bool) -> tuple[Model, Processor]:
+        path, processor = _processor(model, dtype, num_crops, quiet=not first)
+        return _weights(path, dtype), processor
+
+    with _bars() as bar:
+        show = bar("Answering")
+
+        def report(tally: Any) -> None:
+            if show is not None:
+                show(tally.done, tally.total)
+
+        try:
+            tally = run(
+                load, items, output, system=system, batch_size=batch_size, options=options,
+                num_crops=num_crops, overwrite=overwrite, report=report,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            typer.echo(f"(stopped; the rows written are kept in {output}: the same command "
+                       "resumes)", err=True)  # fmt: skip
+            raise typer.Exit(130) from None
+    if tally is not None:
+        typer.echo(tally.line(output), err=True)
 
 
 @app.command()

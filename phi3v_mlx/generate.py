@@ -135,9 +135,20 @@ def make_sampler(options: SamplingOptions) -> Callable[[mx.array], mx.array]:
     return Sampler(options.temperature, options.top_p, options.min_p, options.top_k, options.seed)
 
 
-def make_logits_processors(options: SamplingOptions) -> list[Callable]:
-    """mlx-lm's logits processors for the options (the repetition penalty)."""
-    return mlx_logits_processors(repetition_penalty=options.repetition_penalty)
+def make_logits_processors(
+    options: SamplingOptions, before: Sequence[int] = ()
+) -> list[Callable[[mx.array, mx.array], mx.array]]:
+    """mlx-lm's logits processors for the options (the repetition penalty), seeing the ids
+    ``before`` (prompt positions fed to the cache by other means) ahead of their own context."""
+    processors = mlx_logits_processors(repetition_penalty=options.repetition_penalty)
+    if not processors or not before:
+        return processors
+    head = mx.array(np.maximum(np.asarray(before), 0), dtype=mx.int32)
+
+    def with_head(process: Callable) -> Callable:
+        return lambda tokens, logits: process(mx.concatenate([head, tokens]), logits)
+
+    return [with_head(process) for process in processors]
 
 
 def kv_group_size(model: Model) -> int:
@@ -179,20 +190,13 @@ class AnswerText:
         return self.detokenizer.last_segment
 
 
-def prefill(
-    model: Model,
-    embeddings: mx.array,
-    cache: PromptCache,
-    options: SamplingOptions,
-    progress: Progress | None = None,
-) -> mx.array:
-    """Feed the prompt positions ``embeddings`` [1, T, hidden] into ``cache`` one evaluated
-    chunk at a time, all but the last chunk (at most ``prefill_step_size`` positions, ending with
-    the last one), which is returned for the forward that also yields the first logits.
-
-    ``progress(done, total)`` hears of every chunk once it is computed; an exception it raises
-    stops the work there, the cache holding the chunks done.
-    """
+def read_prompt(
+    model: Model, embeddings: mx.array, cache: PromptCache, options: SamplingOptions
+) -> Iterator[int]:
+    """Feed the prompt positions ``embeddings`` [1, T, hidden] into ``cache`` one evaluated chunk
+    at a time, all but the last chunk (at most ``prefill_step_size`` positions, ending with the
+    last one: the forward that also yields the first logits reads it), yielding the number of
+    positions read after each chunk. Stopping between chunks leaves the cache holding them."""
     total = embeddings.shape[1]
     cache.rope.expected = cache.offset + total
     step = options.prefill_step_size
@@ -204,9 +208,7 @@ def prefill(
         mx.eval([layer.state for layer in cache])
         mx.clear_cache()
         done += step
-        if progress is not None:
-            progress(done, total)
-    return embeddings[:, done:]
+        yield done
 
 
 class StepModel:
@@ -284,22 +286,25 @@ def decode(
 
     first, token, count, finish = time.perf_counter(), None, 0, "length"
     with wired_limit([generation_stream]):
+        done = 0
         with mx.stream(generation_stream):
-            rest = prefill(model, embeddings, cache, options, progress)
-        tail = ids[total - rest.shape[1] :]
+            for done in read_prompt(model, embeddings, cache, options):
+                if progress is not None:
+                    progress(done, total)
+        tail = ids[done:]
         steps = generate_step(
             mx.array(np.maximum(np.asarray(tail), 0), dtype=mx.int32),
             StepModel(model, len(tail)),
             max_tokens=options.max_tokens,
             sampler=make_sampler(options),
-            logits_processors=make_logits_processors(options),
+            logits_processors=make_logits_processors(options, before=ids[:done]),
             prompt_cache=cache,
             prefill_step_size=options.prefill_step_size,
             kv_bits=options.kv_bits,
             kv_group_size=kv_group_size(model) if options.kv_bits else 64,
             quantized_kv_start=0,
             prompt_progress_callback=last_chunk_done,
-            input_embeddings=rest[0],
+            input_embeddings=embeddings[0, done:],
         )
         text = ""
         for n, (token, _) in enumerate(steps):

@@ -64,6 +64,52 @@ class RopeState:
     def nbytes(self) -> int:
         return sum(chunk.nbytes for chunk in self.chunks)
 
+    @classmethod
+    def merge(cls, states: list[RopeState]) -> RopeRows:
+        """The rope states of rows joining a batch (as mlx-lm merges KV caches into a batch)."""
+        return RopeRows(list(states))
+
+
+class RopeRows:
+    """The :class:`RopeState` of every row of a batch: an entry of the batch's cache list, after
+    the layer caches, so that mlx-lm's batch generator moves it with the rows (``extend``,
+    ``filter``, ``extract``) as it moves the layer caches."""
+
+    def __init__(self, states: list[RopeState]):
+        self.states = states
+
+    def extend(self, other: RopeRows) -> None:
+        self.states.extend(other.states)
+
+    def filter(self, keep: list[int]) -> None:
+        self.states = [self.states[i] for i in keep]
+
+    def extract(self, index: int) -> RopeState:
+        return self.states[index]
+
+    def prepare(self, **kwargs: Any) -> None:
+        """Rows join with their prompts already read: nothing to pad."""
+
+    def finalize(self) -> None:
+        """Rows join with their prompts already read: nothing to pad."""
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [chunk for rope in self.states for chunk in rope.chunks]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(rope.nbytes for rope in self.states)
+
+    def size(self) -> int:
+        return max((rope.length for rope in self.states), default=0)
+
+    def empty(self) -> bool:
+        return not self.states
+
+    def is_trimmable(self) -> bool:
+        return False
+
 
 class PromptCache(list):
     """The cache of one sequence: its per-layer KV caches, in order (the list mlx-lm's

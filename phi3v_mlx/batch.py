@@ -1,0 +1,507 @@
+"""Many generations decoded together: continuous batching over mlx-lm's ``BatchGenerator``.
+
+Each row's prompt, its image embeddings included, is read into a cache of its own exactly as
+:func:`phi3v_mlx.generate` reads it, and its first token drawn the same way; the row then joins
+mlx-lm's ``BatchGenerator``, whose per-layer ``BatchKVCache`` keeps every row left-padded, and is
+decoded together with the others until it stops, when the next waiting row takes its place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import BatchGenerator, generation_stream
+
+from .generate import (
+    AnswerText,
+    GenerationResult,
+    SamplingOptions,
+    make_logits_processors,
+    make_sampler,
+    read_prompt,
+)
+from .language import PromptCache, RopeState, Rotation
+from .memory import PeakMemory, wired_limit
+from .model import Model
+from .processor import ImageInput, Processor
+
+
+@dataclass
+class Request:
+    """One generation of a batch: a chat-formatted prompt (or token ids, image slots negative),
+    the images its ``<|image_N|>`` tags name, and what differs from the batch's sampling
+    settings (``options``: any :class:`SamplingOptions` field, such as ``max_tokens``)."""
+
+    prompt: str | Sequence[int]
+    images: Sequence[ImageInput] = ()
+    num_crops: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    stop: Sequence[str] = ()
+
+
+RequestLike = Request | str | dict[str, Any]
+
+
+def as_request(item: RequestLike) -> Request:
+    """A :class:`Request` from itself, a prompt string, or a dict with the request's fields
+    (``prompt``, ``images``, ``num_crops``, ``stop``) and sampling options."""
+    if isinstance(item, Request):
+        return item
+    if isinstance(item, str):
+        return Request(item)
+    if isinstance(item, dict):
+        fields = {k: item[k] for k in ("prompt", "images", "num_crops", "stop") if k in item}
+        options = {k: v for k, v in item.items() if k not in fields}
+        if "prompt" not in fields:
+            raise ValueError("a request needs a prompt")
+        return Request(**fields, options=options)
+    raise ValueError(
+        f"a request is a Request, a prompt string or a dict, not {type(item).__name__}"
+    )
+
+
+@dataclass
+class RowEvent:
+    """What a step did for one row: new answer text, and when it ended its result (or error).
+
+    ``cache`` is the row's cache when it ended and keeping it was asked for.
+    """
+
+    row: int
+    text: str = ""
+    result: GenerationResult | None = None
+    error: str | None = None
+    cache: PromptCache | None = None
+
+
+class BatchStep:
+    """What mlx-lm's ``BatchGenerator`` calls: each row's last token [B, 1] and the batch cache
+    (per-layer ``BatchKVCache``, then :class:`RopeRows`).
+
+    Every row is rotated with its own factor set, chosen from its own length as a solo generation
+    would; a row whose length crosses the rope threshold has its cached keys recomputed with the
+    other factors first, exactly as a solo cache is rebuilt.
+    """
+
+    def __init__(self, model: Model):
+        self.model = model
+
+    def __call__(self, inputs: mx.array, cache: list[Any]) -> mx.array:
+        language = self.model.language
+        *layers, ropes = cache
+        embeddings = language.embed(inputs)
+        lengths = [rope.length + inputs.shape[1] for rope in ropes.states]
+        rotations = [language.rope.rotation(n) for n in lengths]
+        for row, (rope, rotation) in enumerate(zip(ropes.states, rotations, strict=True)):
+            if rope.length and rotation.long != rope.long:
+                self._recompute_keys(row, layers, rope, rotation.long)
+        for row, rope in enumerate(ropes.states):
+            rope.append(embeddings[row : row + 1])
+        rotation = _batch_rotation(rotations)
+        h = language.run(embeddings, layers, layers[0].offset, rotation)
+        return language.lm_head(h[:, -1:])
+
+    def _recompute_keys(self, row: int, layers: list[Any], rope: RopeState, long: bool) -> None:
+        """Rewrite one row's cached keys and values with the ``long`` factor set."""
+        language = self.model.language
+        solo = language.make_cache()
+        solo.rope.expected = rope.length + 1 if long else 0
+        language.hidden(rope.inputs.astype(language.embed_tokens.weight.dtype), solo)
+        start = int(layers[0].left_padding[row].item())
+        end = start + rope.length
+        for layer, computed in zip(layers, solo, strict=True):
+            keys, values = computed.keys_and_values()
+            layer.keys[row : row + 1, :, start:end] = keys.astype(layer.keys.dtype)
+            layer.values[row : row + 1, :, start:end] = values.astype(layer.values.dtype)
+        rope.long = long
+
+
+def _batch_rotation(rotations: list[Rotation]) -> Rotation:
+    """One rotation for a batch: shared values as such, differing ones one per row."""
+    longs = {r.long for r in rotations}
+    scales = {r.mscale for r in rotations}
+    long = longs.pop() if len(longs) == 1 else mx.array([r.long for r in rotations])
+    mscale = scales.pop() if len(scales) == 1 else mx.array([r.mscale for r in rotations])
+    return Rotation(long, mscale)
+
+
+class StopStrings:
+    """Stop strings over streamed text: the text before the first match is released, and what
+    could still begin a match is held back until it cannot."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """The text that can be shown now, and whether a stop string was reached."""
+        self.held += text
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.held = self.held[: min(hits)], ""
+            return out, True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])),
+                   default=0)  # fmt: skip
+        out = self.held[: len(self.held) - keep]
+        self.held = self.held[len(out) :]
+        return out, False
+
+    def flush(self) -> str:
+        """What was held back, at the end of the text."""
+        out, self.held = self.held, ""
+        return out
+
+
+@dataclass
+class _Row:
+    """A request in the engine, from its admission to its end."""
+
+    index: int
+    request: Request
+    options: SamplingOptions
+    keep_cache: bool
+    submitted: float
+    cache: PromptCache | None = None
+    cached_ids: list[int] = field(default_factory=list)  # what a reused cache holds
+    peak: PeakMemory | None = None
+    ids: list[int] = field(default_factory=list)  # the prompt, image slots negative
+    prefix: int = 0  # prompt positions the reused cache already held
+    embeddings: mx.array | None = None  # positions prefix.. of the prompt
+    reading: Iterator[int] | None = None
+    done: int = 0  # of those, read into the cache
+    answer: AnswerText | None = None
+    stops: StopStrings | None = None
+    sampler: Callable[[mx.array], mx.array] | None = None
+    processors: list[Callable] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    first_token_at: float = 0.0
+
+    def result(self, finish: str) -> GenerationResult:
+        now, n, read = time.perf_counter(), len(self.tokens), len(self.ids) - self.prefix
+        return GenerationResult(
+            text="".join(self.texts),
+            tokens=list(self.tokens),
+            prompt_tokens=read,
+            generation_tokens=n,
+            prompt_tps=read / max(self.first_token_at - self.submitted, 1e-9),
+            generation_tps=(n - 1) / (now - self.first_token_at) if n > 1 else 0.0,
+            peak_memory=self.peak.gb if self.peak else 0.0,
+            finish_reason=finish,
+        )
+
+
+class BatchEngine:
+    """The one place where concurrent generations are decoded together.
+
+    ``submit`` queues a request; each ``step`` admits waiting requests into free rows (their
+    images go through CLIP together, only real crops), reads prompts into their caches and runs
+    one decoding step of every row, returning what happened to each row. With ``interleave``, a
+    step reads at most one prompt chunk before decoding (what a server wants: answers in flight
+    keep flowing); without it every admitted prompt is read first (throughput).
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        processor: Processor,
+        *,
+        batch_size: int = 8,
+        interleave: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.model = model
+        self.processor = processor
+        self.batch_size = batch_size
+        self.interleave = interleave
+        stops = sorted(AnswerText(processor).stops)
+        self._generator = BatchGenerator(
+            BatchStep(model),
+            stop_tokens=[[t] for t in stops],
+            completion_batch_size=batch_size,
+            prefill_batch_size=batch_size,
+        )
+        self._count = itertools.count()
+        self._waiting: deque[_Row] = deque()
+        self._reading: deque[_Row] = deque()
+        self._decoding: dict[int, _Row] = {}  # by BatchGenerator uid
+        self._wired = wired_limit([generation_stream])
+        self._wired.__enter__()
+
+    def submit(
+        self,
+        request: RequestLike,
+        options: SamplingOptions | None = None,
+        *,
+        keep_cache: bool = False,
+        cache: PromptCache | None = None,
+        cached_ids: Sequence[int] = (),
+    ) -> int:
+        """Queue a request (``options`` default to its own); returns its row number. A ``cache``
+        holding ``cached_ids`` is reused for what they share with the prompt; with
+        ``keep_cache`` the row's cache comes with its result."""
+        request = as_request(request)
+        settings = options or SamplingOptions(**request.options)
+        row = _Row(next(self._count), request, settings, keep_cache, time.perf_counter())
+        row.cache, row.cached_ids = cache, list(cached_ids)
+        self._waiting.append(row)
+        return row.index
+
+    def cancel(self, index: int) -> bool:
+        """Drop a row wherever it is; False if it is not in the engine (anymore)."""
+        for queue in (self._waiting, self._reading):
+            for row in queue:
+                if row.index == index:
+                    queue.remove(row)
+                    self._release(row)
+                    return True
+        for uid, row in list(self._decoding.items()):
+            if row.index == index:
+                self._generator.remove([uid])
+                del self._decoding[uid]
+                self._release(row)
+                return True
+        return False
+
+    def pending(self) -> int:
+        """Rows submitted and not yet ended."""
+        return len(self._waiting) + len(self._reading) + len(self._decoding)
+
+    def step(self) -> list[RowEvent]:
+        """Admit, read prompts, decode one token of every decoding row."""
+        events: list[RowEvent] = []
+        with mx.stream(generation_stream):
+            self._admit(events)
+            while self._reading:
+                self._read(self._reading[0], events)
+                if self.interleave:
+                    break
+            if self._decoding:
+                self._decode(events)
+        return events
+
+    def close(self) -> None:
+        """Drop every row and give the wired limit back."""
+        for row in [*self._waiting, *self._reading, *self._decoding.values()]:
+            self._release(row)
+        self._waiting.clear()
+        self._reading.clear()
+        self._decoding.clear()
+        self._generator.close()
+        if self._wired is not None:
+            self._wired.__exit__(None, None, None)
+            self._wired = None
+
+    def _release(self, row: _Row) -> None:
+        if row.peak is not None:
+            row.peak.close()
+
+    def _admit(self, events: list[RowEvent]) -> None:
+        """Move waiting requests into the free rows: their ids, and one vision run for all their
+        images."""
+        admitted, crops, sizes = [], [], []
+        while self._waiting and len(self._reading) + len(self._decoding) + len(admitted) < (
+            self.batch_size
+        ):
+            row = self._waiting.popleft()
+            row.peak = PeakMemory()
+            try:
+                pixels = self._prepare(row)
+            except ValueError as e:
+                events.append(RowEvent(row.index, error=str(e)))
+                self._release(row)
+                continue
+            admitted.append((row, len(pixels.image_sizes)))
+            crops.append(pixels.pixel_values)
+            sizes.extend(pixels.image_sizes)
+        features = self.model.encode_images(np.concatenate(crops), sizes) if sizes else []
+        start = 0
+        for row, count in admitted:
+            row_features = features[start : start + count]
+            start += count
+            if row.cache is not None:
+                row.prefix = min(_common_prefix(row.cached_ids, row.ids), len(row.ids) - 1)
+                if not row.cache.trim_to(row.prefix):
+                    row.cache = None
+            if row.cache is None:
+                row.cache, row.prefix = self.model.make_cache(), 0
+            row.embeddings = self.model.merge(mx.array([row.ids]), row_features, start=row.prefix)
+            row.reading = read_prompt(self.model, row.embeddings, row.cache, row.options)
+            row.answer = AnswerText(self.processor)
+            row.stops = StopStrings(row.request.stop)
+            self._reading.append(row)
+
+    def _prepare(self, row: _Row) -> Any:
+        """Set the row's prompt ids and return its images' crops; a bad request raises
+        ValueError (before any heavy work)."""
+        request = row.request
+        if row.options.kv_bits is not None or row.options.max_kv_size is not None:
+            raise ValueError("kv_bits and max_kv_size are not supported in batched generation")
+        crops = self.processor.crops(request.num_crops)
+        loaded = self.processor.load_images(list(request.images))
+        if isinstance(request.prompt, str):
+            counts = [self.processor.image_tokens(image, crops) for image in loaded]
+            row.ids = self.processor.tokenize(request.prompt, counts)
+        else:
+            row.ids = [int(t) for t in request.prompt]
+            if not row.ids:
+                raise ValueError("the prompt is empty")
+            self.processor.check_length(len(row.ids))
+        return self.processor.preprocess(loaded, crops)
+
+    def _read(self, row: _Row, events: list[RowEvent]) -> None:
+        """Read one chunk of a row's prompt; after its last, draw the row's first token as
+        ``generate()`` does and let it join the decoding rows."""
+        done = next(row.reading, None)
+        if done is not None:
+            row.done = done
+            return
+        self._reading.popleft()
+        if row.options.max_tokens == 0:
+            self._finish(row, "length", events)
+            return
+        tail = row.embeddings[:, row.done :]
+        logits = self.model.language(tail, row.cache, last_only=True)[:, -1, :]
+        read = row.ids[row.prefix :]
+        row.processors = make_logits_processors(row.options, before=read[: row.done])
+        context = mx.array(np.maximum(read[row.done :], 0), dtype=mx.int32)
+        for process in row.processors:
+            logits = process(context, logits)
+        row.sampler = make_sampler(row.options)
+        token = int(row.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).item())
+        row.first_token_at = time.perf_counter()
+        row.embeddings = row.reading = None
+        if self._show(row, token, events):
+            return
+        if row.options.max_tokens == 1:
+            self._finish(row, "length", events)
+            return
+        (uid,) = self._generator.insert(
+            [[token]],
+            max_tokens=[row.options.max_tokens - 1],
+            caches=[[*row.cache, row.cache.rope]],
+            all_tokens=[np.maximum(read, 0).tolist()],
+            samplers=[row.sampler],
+            logits_processors=[row.processors],
+        )
+        self._decoding[uid] = row
+
+    def _decode(self, events: list[RowEvent]) -> None:
+        for response in self._generator.next_generated():
+            row = self._decoding.get(response.uid)
+            if row is None:
+                continue
+            if response.finish_reason is not None:
+                del self._decoding[response.uid]
+                if row.keep_cache:
+                    *layers, rope = response.prompt_cache
+                    row.cache = PromptCache(layers, rope)
+            if self._show(row, response.token, events):
+                if response.finish_reason is None:
+                    self._generator.remove([response.uid])
+                    del self._decoding[response.uid]
+            elif response.finish_reason is not None:
+                self._finish(row, "length", events)
+
+    def _show(self, row: _Row, token: int, events: list[RowEvent]) -> bool:
+        """Show a generated token; True if the row ended with it (a stop id or string)."""
+        if token in row.answer.stops:
+            self._finish(row, "stop", events)
+            return True
+        row.tokens.append(token)
+        text, stopped = row.stops.feed(row.answer.add(token))
+        if text:
+            row.texts.append(text)
+            events.append(RowEvent(row.index, text=text))
+        if stopped:
+            self._finish(row, "stop", events, stopped_by_text=True)
+        return stopped
+
+    def _finish(
+        self, row: _Row, finish: str, events: list[RowEvent], stopped_by_text: bool = False
+    ) -> None:
+        tail = ""
+        if not stopped_by_text:
+            tail, stopped = row.stops.feed(row.answer.finish())
+            tail += "" if stopped else row.stops.flush()
+            finish = "stop" if stopped else finish
+        if tail:
+            row.texts.append(tail)
+        result = row.result(finish)
+        self._release(row)
+        cache = row.cache if row.keep_cache else None
+        events.append(RowEvent(row.index, text=tail, result=result, cache=cache))
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def stream_batch_generate(
+    model: Model,
+    processor: Processor,
+    requests: Iterable[RequestLike],
+    *,
+    batch_size: int = 8,
+    **sampling: Any,
+) -> Iterator[tuple[int, GenerationResult | ValueError]]:
+    """Answer many requests decoded together; yields ``(index, result)`` as each row ends, the
+    index that of the request in ``requests``. A request that cannot be used (a missing image, a
+    prompt over the context) yields a ``ValueError`` in place of its result, and the rest go on.
+
+    ``sampling`` are :class:`SamplingOptions` fields shared by every request, which a request's
+    own ``options`` override. With temperature 0 every row's tokens equal ``generate()``'s.
+    """
+    engine = BatchEngine(model, processor, batch_size=batch_size)
+    try:
+        order = {}
+        for position, item in enumerate(requests):
+            request = as_request(item)
+            options = SamplingOptions(**{**sampling, **request.options})
+            order[engine.submit(request, options)] = position
+        while engine.pending():
+            for event in engine.step():
+                if event.error is not None:
+                    yield order[event.row], ValueError(event.error)
+                elif event.result is not None:
+                    yield order[event.row], event.result
+    finally:
+        engine.close()
+
+
+def batch_generate(
+    model: Model,
+    processor: Processor,
+    requests: Iterable[RequestLike],
+    *,
+    batch_size: int = 8,
+    **sampling: Any,
+) -> list[GenerationResult]:
+    """One :class:`GenerationResult` per request, in order (see :func:`stream_batch_generate`);
+    the first request that cannot be used raises its ``ValueError``.
+
+    A request is a prompt string, a :class:`Request`, or a dict such as ``{"prompt": ...,
+    "images": [...], "num_crops": 4, "max_tokens": 64}``.
+    """
+    requests = list(requests)
+    results: list[GenerationResult | None] = [None] * len(requests)
+    for index, result in stream_batch_generate(
+        model, processor, requests, batch_size=batch_size, **sampling
+    ):
+        if isinstance(result, ValueError):
+            raise ValueError(f"request {index + 1}: {result}")
+        results[index] = result
+    return results

@@ -1,0 +1,283 @@
+"""``phi3v batch``: inputs from files, folders and manifests; a resumable JSONL output; the same
+run split across the ranks of ``mlx.launch`` (data parallel, coordinated by ``mx.distributed``)."""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from .batch import BatchEngine, Request, RowEvent
+from .generate import GenerationResult, SamplingOptions
+from .model import Model
+from .processor import IMAGE_TAG, Processor
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+class InputError(ValueError):
+    """Inputs that cannot be run, found before any model is loaded."""
+
+
+@dataclass
+class Item:
+    """One input: its id, its image paths (as written) and where they are, and its question."""
+
+    id: str
+    images: list[str]
+    files: list[Path]
+    prompt: str
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    )
+
+
+def _manifest_items(path: Path, default_prompt: str | None) -> Iterator[Item]:
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: a row must be a JSON object")
+        if "image" in row and "images" in row:
+            raise InputError(f"{where}: give either image or images, not both")
+        images = row.get("images", [row["image"]] if "image" in row else [])
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise InputError(f"{where}: images must be a list of paths")
+        prompt = row.get("prompt", default_prompt)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"{where}: no prompt (give one in the row or --prompt)")
+        if "id" in row:
+            item_id = str(row["id"])
+        elif images:
+            item_id = images[0] if len(images) == 1 else ",".join(images)
+        else:
+            raise InputError(f"{where}: a text-only row needs an id")
+        files = [path.parent / image for image in images]
+        yield Item(item_id, list(images), files, prompt)
+
+
+def collect_inputs(inputs: Sequence[str], prompt: str | None) -> list[Item]:
+    """Every input in order: image files, images found in folders (recursively, sorted) and the
+    rows of ``.jsonl`` manifests. Problems are one-line :class:`InputError`s."""
+    items: list[Item] = []
+    for text in inputs:
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise InputError(f"{text}: no such file or folder")
+        if path.is_dir():
+            found = _images_in(path)
+            if not found:
+                raise InputError(f"{text}: no images in this folder")
+            images = [str(image) for image in found]
+        elif path.suffix.lower() == ".jsonl":
+            items.extend(_manifest_items(path, prompt))
+            continue
+        else:
+            images = [text]
+        if prompt is None:
+            raise InputError("--prompt is needed for image inputs")
+        items.extend(Item(image, [image], [Path(image)], prompt) for image in images)
+    if not items:
+        raise InputError("no inputs")
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            raise InputError(f"duplicate id {item.id!r}")
+        seen.add(item.id)
+    return items
+
+
+def answered_ids(output: Path) -> set[str]:
+    """Ids already in an output file; a line cut short by a crash is removed from the file."""
+    if not output.exists():
+        return set()
+    data = output.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        output.write_bytes(data)
+    done = set()
+    for line in data.decode("utf-8").splitlines():
+        try:
+            done.add(str(json.loads(line)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return done
+
+
+def chat_prompt(processor: Processor, item: Item, system: str | None) -> str:
+    """The item's question in the chat format: its images first, unless it places them with
+    ``<|image_N|>`` tags itself."""
+    messages = [{"role": "system", "content": system}] if system else []
+    if IMAGE_TAG.search(item.prompt):
+        messages.append({"role": "user", "content": item.prompt})
+    else:
+        parts = [{"type": "image"} for _ in item.images]
+        messages.append(
+            {"role": "user", "content": [*parts, {"type": "text", "text": item.prompt}]}
+        )
+    return processor.apply_chat_template(messages)
+
+
+def output_row(item: Item, result: GenerationResult | None, error: str | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"id": item.id, "images": item.images, "prompt": item.prompt}
+    if error is not None:
+        row["error"] = error
+        return row
+    row.update(
+        text=result.text,
+        finish_reason=result.finish_reason,
+        prompt_tokens=result.prompt_tokens,
+        generation_tokens=result.generation_tokens,
+    )
+    return row
+
+
+class Ranks:
+    """The processes of an ``mlx.launch`` run, exchanging finished rows with ``mx.distributed``
+    (rank 0 writes them); a single process is a group of one."""
+
+    def __init__(self):
+        self.group = mx.distributed.init()
+        self.rank, self.size = self.group.rank(), self.group.size()
+
+    def from_first(self, values: list[int]) -> list[int]:
+        """Rank 0's ``values`` (ints, same length everywhere) on every rank."""
+        if self.size == 1:
+            return values
+        mine = mx.array(values if self.rank == 0 else [0] * len(values), dtype=mx.int32)
+        return mx.distributed.all_sum(mine, group=self.group, stream=mx.cpu).tolist()
+
+    def exchange(self, lines: list[str], pending: int) -> tuple[list[str], int]:
+        """Every rank's finished lines (in rank order) and the rows still pending everywhere."""
+        if self.size == 1:
+            return lines, pending
+        payload = "".join(line + "\n" for line in lines).encode("utf-8")
+        header = mx.array([len(payload), pending], dtype=mx.int32)
+        headers = mx.distributed.all_gather(header, group=self.group, stream=mx.cpu).tolist()
+        lengths, total_pending = headers[0::2], sum(headers[1::2])
+        width = max(lengths)
+        if width == 0:
+            return [], total_pending
+        padded = mx.array(list(payload.ljust(width, b"\0")), dtype=mx.uint8)
+        blob = bytes(mx.distributed.all_gather(padded, group=self.group, stream=mx.cpu).tolist())
+        out = []
+        for rank, length in enumerate(lengths):
+            text = blob[rank * width : rank * width + length].decode("utf-8")
+            out.extend(text.splitlines())
+        return out, total_pending
+
+
+@dataclass
+class Tally:
+    """What a run has written, for the progress bar and the summary."""
+
+    total: int
+    started: float = field(default_factory=time.perf_counter)
+    done: int = 0
+    errors: int = 0
+    images: int = 0
+    tokens: int = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.done += 1
+        if "error" in row:
+            self.errors += 1
+        else:
+            self.images += len(row["images"])
+            self.tokens += row["generation_tokens"]
+
+    def line(self, output: Path) -> str:
+        seconds = time.perf_counter() - self.started
+        return (
+            f"Answered {self.done} of {self.total} inputs ({self.errors} errors) in "
+            f"{seconds:.1f} s: {60 * self.images / max(seconds, 1e-9):.1f} images/min, "
+            f"{self.tokens / max(seconds, 1e-9):.2f} generated tokens/s; results in {output}"
+        )
+
+
+def run(
+    model_loader: Callable[[bool], tuple[Model, Processor]],
+    items: list[Item],
+    output: Path,
+    *,
+    system: str | None,
+    batch_size: int,
+    options: SamplingOptions,
+    num_crops: int | None,
+    overwrite: bool,
+    report: Callable[[Tally], None] | None = None,
+) -> Tally | None:
+    """Answer every item not yet in ``output`` (all of them with ``overwrite``), appending rows as
+    they finish; under ``mlx.launch`` the ranks share the items and rank 0 writes. Returns what
+    was written (None on the other ranks). ``model_loader(first)`` loads the model, ``first``
+    telling whether this is rank 0 (which alone speaks)."""
+    ranks = Ranks()
+    first = ranks.rank == 0
+    if first and overwrite and output.exists():
+        output.unlink()
+    done = answered_ids(output) if first else set()
+    mask = ranks.from_first([int(item.id in done) for item in items])
+    todo = [item for item, skip in zip(items, mask, strict=True) if not skip]
+    mine = todo[ranks.rank :: ranks.size]
+    tally = Tally(total=len(todo))
+    model, processor = model_loader(first)
+    engine = BatchEngine(model, processor, batch_size=batch_size)
+    by_row: dict[int, Item] = {}
+    try:
+        for item in mine:
+            seed = (
+                None
+                if options.seed is None
+                else (options.seed + zlib.crc32(item.id.encode())) % 2**32
+            )
+            settings = SamplingOptions(**{**vars(options), "seed": seed})
+            request = Request(chat_prompt(processor, item, system), item.files, num_crops)
+            by_row[engine.submit(request, settings)] = item
+        sink = output.open("a", encoding="utf-8") if first else None
+        try:
+            while True:
+                events = engine.step() if engine.pending() else []
+                rows = [output_row(by_row[e.row], e.result, e.error) for e in events if _ended(e)]
+                lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+                lines, pending = ranks.exchange(lines, engine.pending())
+                if sink is not None:
+                    for line in lines:
+                        sink.write(line + "\n")
+                        tally.add(json.loads(line))
+                    sink.flush()
+                    if report is not None and lines:
+                        report(tally)
+                if pending == 0:
+                    break
+        finally:
+            if sink is not None:
+                sink.close()
+    finally:
+        engine.close()
+    return tally if first else None
+
+
+def row_seed(seed: int | None, item: Item) -> int | None:
+    """Each input's own seed, from the run's and its id: the same whatever the batch, the rank
+    or a resume."""
+    return None if seed is None else (seed + zlib.crc32(item.id.encode())) % 2**32
+
+
+def _ended(event: RowEvent) -> bool:
+    return event.result is not None or event.error is not None

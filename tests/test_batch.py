@@ -1,0 +1,251 @@
+"""Batched generation: every row equals generate() alone; phi3v batch end to end and resumed."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import phi3v_mlx
+from phi3v_mlx import cli
+from phi3v_mlx.batch import as_request
+from tests.conftest import IMAGES, MODELS, load_variant, open_image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(MODELS / "tiny-phi35v")
+
+
+def _requests():
+    """Mixed sizes, text-only rows, a two-image row, different max_tokens and crop counts."""
+    tall, wide, small = open_image("d_tall"), open_image("c_wide"), open_image("b_small")
+    return [
+        {"prompt": "<|user|>\n<|image_1|>\nDescribe it.<|end|>\n<|assistant|>\n",
+         "images": [small], "num_crops": 4, "max_tokens": 12},
+        "<|user|>\nHello there<|end|>\n<|assistant|>\n",
+        {"prompt": "<|user|>\n<|image_1|>\n<|image_2|>\nCompare them.<|end|>\n<|assistant|>\n",
+         "images": [tall, wide], "num_crops": 2, "max_tokens": 5},
+        {"prompt": "<|system|>\nBe brief.<|end|>\n<|user|>\nWhy?<|end|>\n<|assistant|>\n",
+         "max_tokens": 9},
+        {"prompt": "<|user|>\n<|image_1|>\nWhat colour?<|end|>\n<|assistant|>\n",
+         "images": [wide], "num_crops": 1, "max_tokens": 3},
+    ]  # fmt: skip
+
+
+def _solo(model, processor, requests, **sampling):
+    out = []
+    for item in requests:
+        request = as_request(item)
+        options = {**sampling, **request.options}
+        images = list(request.images) or None
+        result = phi3v_mlx.generate(
+            model, processor, request.prompt, images, request.num_crops, **options
+        )
+        out.append(result)
+    return out
+
+
+def test_rows_equal_generate_alone_whatever_the_batch(loaded):
+    model, processor = loaded
+    requests = _requests()
+    want = _solo(model, processor, requests, max_tokens=7)
+    for batch_size in (1, 3, 8):
+        got = phi3v_mlx.batch_generate(model, processor, requests, batch_size=batch_size,
+                                       max_tokens=7)  # fmt: skip
+        assert [r.tokens for r in got] == [r.tokens for r in want], batch_size
+        assert [r.text for r in got] == [r.text for r in want]
+        assert [r.finish_reason for r in got] == [r.finish_reason for r in want]
+        assert [r.prompt_tokens for r in got] == [r.prompt_tokens for r in want]
+
+
+def test_rows_crossing_the_rope_threshold(tmp_path):
+    """With the threshold lowered to 40, rows cross it while decoding together with rows that
+    start past it (the image row) and rows that never reach it."""
+    path = tmp_path / "low"
+    shutil.copytree(MODELS / "tiny-phi3v", path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(
+        json.dumps({**config, "original_max_position_embeddings": 40})
+    )
+    model, processor = phi3v_mlx.load(path, dtype="float32")
+    requests = [
+        {"prompt": "<|user|>\nHello there, how are you?<|end|>\n<|assistant|>\n", "max_tokens": 30},
+        {"prompt": "<|user|>\nHi<|end|>\n<|assistant|>\n", "max_tokens": 40},
+        {"prompt": "<|user|>\n<|image_1|>\nDescribe.<|end|>\n<|assistant|>\n",
+         "images": [open_image("b_small")], "num_crops": 1, "max_tokens": 10},
+        {"prompt": "<|user|>\nShort one<|end|>\n<|assistant|>\n", "max_tokens": 6},
+    ]  # fmt: skip
+    want = _solo(model, processor, requests)
+    assert want[0].prompt_tokens < 40 < want[0].prompt_tokens + 30
+    for batch_size in (2, 4):
+        got = phi3v_mlx.batch_generate(model, processor, requests, batch_size=batch_size)
+        assert [r.tokens for r in got] == [r.tokens for r in want], batch_size
+
+
+def test_a_text_model_batches_too():
+    model, processor = load_variant("tiny-phi35-moe")
+    prompts = [f"<|user|>\nQuestion {i}: why?<|end|>\n<|assistant|>\n" for i in range(5)]
+    want = _solo(model, processor, prompts, max_tokens=8)
+    got = phi3v_mlx.batch_generate(model, processor, prompts, batch_size=3, max_tokens=8)
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+
+
+def test_images_of_admitted_rows_share_one_vision_run(monkeypatch):
+    model, processor = load_variant("tiny-phi35v")
+    runs = []
+    original = model.vision.crop_features
+
+    def counting(pixel_values, *rest):
+        runs.append(pixel_values.shape[0])
+        return original(pixel_values, *rest)
+
+    monkeypatch.setattr(model.vision, "crop_features", counting)
+    requests = _requests()
+    phi3v_mlx.batch_generate(model, processor, requests, batch_size=8, max_tokens=2)
+    crops = [processor.preprocess(as_request(r).images, as_request(r).num_crops).pixel_values
+             for r in requests]  # fmt: skip
+    assert runs == [sum(len(c) for c in crops)]  # one run, real crops only
+
+
+def test_seeded_sampling_is_reproducible(loaded):
+    model, processor = loaded
+    kw = dict(max_tokens=8, temperature=1.0, top_p=0.9)
+    prompts = [f"<|user|>\nTell me about {w}.<|end|>\n<|assistant|>\n" for w in "abcd"]
+    first = phi3v_mlx.batch_generate(model, processor, prompts, batch_size=3, seed=5, **kw)
+    again = phi3v_mlx.batch_generate(model, processor, prompts, batch_size=3, seed=5, **kw)
+    other = phi3v_mlx.batch_generate(model, processor, prompts, batch_size=3, seed=6, **kw)
+    assert [r.tokens for r in first] == [r.tokens for r in again]
+    assert [r.tokens for r in first] != [r.tokens for r in other]
+
+
+def test_the_iterator_yields_rows_as_they_end_and_bad_rows_as_errors(tmp_path):
+    model, processor = load_variant("tiny-phi35v")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    requests = [
+        {"prompt": "<|user|>\nLong<|end|>\n<|assistant|>\n", "max_tokens": 9},
+        {"prompt": "<|user|>\n<|image_1|>\nX<|end|>\n<|assistant|>\n",
+         "images": [tmp_path / "broken.png"]},
+        {"prompt": "<|user|>\nShort<|end|>\n<|assistant|>\n", "max_tokens": 2},
+    ]  # fmt: skip
+    seen = list(phi3v_mlx.stream_batch_generate(model, processor, requests, batch_size=4))
+    assert [index for index, _ in seen] == [1, 2, 0]
+    assert isinstance(seen[0][1], ValueError) and "broken.png" in str(seen[0][1])
+    assert len(seen[1][1].tokens) == 2 and len(seen[2][1].tokens) == 9
+    with pytest.raises(ValueError, match="request 2: .*broken.png"):
+        phi3v_mlx.batch_generate(model, processor, requests)
+    with pytest.raises(ValueError, match="not supported in batched"):
+        phi3v_mlx.batch_generate(model, processor, ["hi"], kv_bits=8)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A folder of images (one corrupt), a manifest with a text-only and a two-image row."""
+    folder = tmp_path / "photos" / "nested"
+    folder.mkdir(parents=True)
+    for name in ("b_small", "c_wide"):
+        shutil.copy(IMAGES / f"{name}.png", folder / f"{name}.png")
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    manifest = tmp_path / "set.jsonl"
+    rows = [{"id": "pair", "images": ["photos/nested/b_small.png", "photos/nested/c_wide.png"],
+             "prompt": "Compare."},
+            {"id": "text", "prompt": "Say hello."},
+            {"image": "photos/nested/b_small.png"}]  # fmt: skip
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return tmp_path
+
+
+def _batch_args(root, out, *extra):
+    return ["batch", str(root / "photos"), str(root / "set.jsonl"), "--prompt", "Describe it.",
+            "--output", str(out), "--model", TINY, "-m", "4", "--num-crops", "2",
+            "--batch-size", "3", *extra]  # fmt: skip
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_batch_command_end_to_end(inputs):
+    out = inputs / "out.jsonl"
+    result = CliRunner().invoke(cli.app, _batch_args(inputs, out))
+    assert result.exit_code == 0, result.output
+    rows = {row["id"]: row for row in _rows(out)}
+    photos = inputs / "photos"
+    assert set(rows) == {str(photos / "broken.jpg"), str(photos / "nested" / "b_small.png"),
+                         str(photos / "nested" / "c_wide.png"), "pair", "text",
+                         "photos/nested/b_small.png"}  # fmt: skip
+    assert "cannot be read" in rows[str(photos / "broken.jpg")]["error"]
+    assert rows["text"]["images"] == [] and rows["text"]["prompt"] == "Say hello."
+    assert rows["photos/nested/b_small.png"]["prompt"] == "Describe it."
+    model, processor = phi3v_mlx.load(TINY)
+    question = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]}])  # fmt: skip
+    images = [photos / "nested" / "b_small.png", photos / "nested" / "c_wide.png"]
+    want = phi3v_mlx.generate(model, processor, question, images, 2, max_tokens=4)
+    assert rows["pair"]["text"] == want.text and rows["pair"]["generation_tokens"] == 4
+    assert rows["pair"]["prompt_tokens"] == want.prompt_tokens
+    assert "Answered 6 of 6 inputs (1 errors)" in result.stderr
+
+
+def test_batch_resumes_after_an_interruption(inputs):
+    out = inputs / "out.jsonl"
+    CliRunner().invoke(cli.app, _batch_args(inputs, out))
+    complete = {row["id"]: row for row in _rows(out)}
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])  # a crash mid-line
+    again = CliRunner().invoke(cli.app, _batch_args(inputs, out))
+    assert again.exit_code == 0, again.output
+    rows = _rows(out)
+    assert len(rows) == 6 and {row["id"]: row for row in rows} == complete
+    assert "Answered 4 of 4 inputs" in again.stderr
+    fresh = CliRunner().invoke(cli.app, _batch_args(inputs, out, "--overwrite"))
+    assert "Answered 6 of 6" in fresh.stderr and len(_rows(out)) == 6
+
+
+def test_batch_input_errors_come_before_loading(inputs, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (inputs / "empty").mkdir()
+    (inputs / "bad.jsonl").write_text('{"id": "a", "prompt": "x"}\n{"id": \n')
+    (inputs / "dup.jsonl").write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
+    out = str(inputs / "out.jsonl")
+    cases = [
+        ([str(inputs / "nothing.png"), "-p", "x"], "nothing.png: no such file or folder"),
+        ([str(inputs / "empty"), "-p", "x"], "empty: no images in this folder"),
+        ([str(inputs / "bad.jsonl")], "bad.jsonl, line 2: not valid JSON"),
+        ([str(inputs / "dup.jsonl")], "duplicate id 'a'"),
+        ([str(inputs / "photos")], "--prompt is needed for image inputs"),
+    ]
+    for args, needle in cases:
+        monkeypatch.setattr(sys, "argv", ["phi3v", "batch", *args, "--output", out])
+        with pytest.raises(SystemExit) as done:
+            cli.main()
+        err = capsys.readouterr().err.strip()
+        assert done.value.code == 1 and err.startswith("error: ") and "\n" not in err, err
+        assert needle in err, err
+    args = ["phi3v", "batch", str(inputs / "photos"), "-p", "x", "--output",
+            str(inputs / "missing" / "out.jsonl")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 1 and err.endswith(f"the folder {inputs / 'missing'} does not exist")
+
+
+def test_two_ranks_under_mlx_launch_give_the_same_rows(inputs):
+    single, double = inputs / "one.jsonl", inputs / "two.jsonl"
+    CliRunner().invoke(cli.app, _batch_args(inputs, single))
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [str(launcher), "--backend", "ring", "-n", "2", "--", sys.executable, "-m", "phi3v_mlx",
+         *_batch_args(inputs, double)],
+        capture_output=True, text=True, env=env, timeout=300, cwd=str(inputs),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    one = {row["id"]: row for row in _rows(single)}
+    two = {row["id"]: row for row in _rows(double)}
+    assert two == one
+    assert done.stderr.count("Answered 6 of 6") == 1
