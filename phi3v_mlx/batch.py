@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -29,7 +29,7 @@ from .generate import (
 )
 from .language import PromptCache, RopeState, Rotation
 from .memory import PeakMemory, wired_limit
-from .model import Model
+from .model import Model, image_slots
 from .processor import ImageInput, Processor
 
 
@@ -169,10 +169,11 @@ class _Row:
     keep_cache: bool
     submitted: float
     cache: PromptCache | None = None
-    cached_ids: list[int] = field(default_factory=list)  # what a reused cache holds
+    prefix: int = 0  # prompt positions the reused cache holds
+    image_keys: Sequence[Any] = ()  # per image, its key in the feature store
     peak: PeakMemory | None = None
     ids: list[int] = field(default_factory=list)  # the prompt, image slots negative
-    prefix: int = 0  # prompt positions the reused cache already held
+    features: list[mx.array | None] = field(default_factory=list)
     embeddings: mx.array | None = None  # positions prefix.. of the prompt
     reading: Iterator[int] | None = None
     done: int = 0  # of those, read into the cache
@@ -198,6 +199,14 @@ class _Row:
         )
 
 
+class FeatureStore(Protocol):
+    """Where image features are kept between requests, by a key of the image's pixels."""
+
+    def get(self, key: Any) -> mx.array | None: ...
+
+    def put(self, key: Any, features: mx.array) -> None: ...
+
+
 class BatchEngine:
     """The one place where concurrent generations are decoded together.
 
@@ -205,7 +214,8 @@ class BatchEngine:
     images go through CLIP together, only real crops), reads prompts into their caches and runs
     one decoding step of every row, returning what happened to each row. With ``interleave``, a
     step reads at most one prompt chunk before decoding (what a server wants: answers in flight
-    keep flowing); without it every admitted prompt is read first (throughput).
+    keep flowing); without it every admitted prompt is read first (throughput). ``features``
+    keeps image features between requests.
     """
 
     def __init__(
@@ -215,6 +225,7 @@ class BatchEngine:
         *,
         batch_size: int = 8,
         interleave: bool = False,
+        features: FeatureStore | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -222,6 +233,7 @@ class BatchEngine:
         self.processor = processor
         self.batch_size = batch_size
         self.interleave = interleave
+        self.features = features
         stops = sorted(AnswerText(processor).stops)
         self._generator = BatchGenerator(
             BatchStep(model),
@@ -243,15 +255,18 @@ class BatchEngine:
         *,
         keep_cache: bool = False,
         cache: PromptCache | None = None,
-        cached_ids: Sequence[int] = (),
+        prefix: int = 0,
+        image_keys: Sequence[Any] = (),
     ) -> int:
-        """Queue a request (``options`` default to its own); returns its row number. A ``cache``
-        holding ``cached_ids`` is reused for what they share with the prompt; with
-        ``keep_cache`` the row's cache comes with its result."""
+        """Queue a request (``options`` default to its own); returns its row number.
+
+        The first ``prefix`` positions of ``cache``, which the caller knows to equal the
+        prompt's (images included), are reused; with ``keep_cache`` the row's cache comes with
+        its result. ``image_keys`` name the request's images in the feature store."""
         request = as_request(request)
         settings = options or SamplingOptions(**request.options)
         row = _Row(next(self._count), request, settings, keep_cache, time.perf_counter())
-        row.cache, row.cached_ids = cache, list(cached_ids)
+        row.cache, row.prefix, row.image_keys = cache, prefix, image_keys
         self._waiting.append(row)
         return row.index
 
@@ -305,8 +320,8 @@ class BatchEngine:
             row.peak.close()
 
     def _admit(self, events: list[RowEvent]) -> None:
-        """Move waiting requests into the free rows: their ids, and one vision run for all their
-        images."""
+        """Move waiting requests into the free rows: their ids, their caches, and one vision
+        run for the images they need that the feature store does not have."""
         admitted, crops, sizes = [], [], []
         while self._waiting and len(self._reading) + len(self._decoding) + len(admitted) < (
             self.batch_size
@@ -314,48 +329,69 @@ class BatchEngine:
             row = self._waiting.popleft()
             row.peak = PeakMemory()
             try:
-                pixels = self._prepare(row)
+                images = self._prepare(row)
+                missing = self._known_features(row, images)
+                if missing:
+                    pixels = self.processor.preprocess([images[k] for k in missing],
+                                                       row.request.num_crops)  # fmt: skip
+                    crops.append(pixels.pixel_values)
+                    sizes.extend(pixels.image_sizes)
             except ValueError as e:
                 events.append(RowEvent(row.index, error=str(e)))
                 self._release(row)
                 continue
-            admitted.append((row, len(pixels.image_sizes)))
-            crops.append(pixels.pixel_values)
-            sizes.extend(pixels.image_sizes)
-        features = self.model.encode_images(np.concatenate(crops), sizes) if sizes else []
-        start = 0
-        for row, count in admitted:
-            row_features = features[start : start + count]
-            start += count
-            if row.cache is not None:
-                row.prefix = min(_common_prefix(row.cached_ids, row.ids), len(row.ids) - 1)
-                if not row.cache.trim_to(row.prefix):
-                    row.cache = None
-            if row.cache is None:
-                row.cache, row.prefix = self.model.make_cache(), 0
-            row.embeddings = self.model.merge(mx.array([row.ids]), row_features, start=row.prefix)
+            admitted.append((row, missing))
+        encoded = iter(self.model.encode_images(np.concatenate(crops), sizes) if sizes else [])
+        for row, missing in admitted:
+            for k in missing:
+                row.features[k] = next(encoded)
+                if self.features is not None and row.image_keys:
+                    self.features.put(row.image_keys[k], row.features[k])
+            row.embeddings = self.model.merge(mx.array([row.ids]), row.features, start=row.prefix)
+            row.features = []
             row.reading = read_prompt(self.model, row.embeddings, row.cache, row.options)
             row.answer = AnswerText(self.processor)
             row.stops = StopStrings(row.request.stop)
             self._reading.append(row)
 
-    def _prepare(self, row: _Row) -> Any:
-        """Set the row's prompt ids and return its images' crops; a bad request raises
-        ValueError (before any heavy work)."""
+    def _prepare(self, row: _Row) -> list[Any]:
+        """Set the row's prompt ids and cache (trimmed to the reusable prefix) and return its
+        decoded images; a bad request raises ValueError (before any heavy work)."""
         request = row.request
         if row.options.kv_bits is not None or row.options.max_kv_size is not None:
             raise ValueError("kv_bits and max_kv_size are not supported in batched generation")
         crops = self.processor.crops(request.num_crops)
-        loaded = self.processor.load_images(list(request.images))
+        images = self.processor.load_images(list(request.images))
         if isinstance(request.prompt, str):
-            counts = [self.processor.image_tokens(image, crops) for image in loaded]
+            counts = [self.processor.image_tokens(image, crops) for image in images]
             row.ids = self.processor.tokenize(request.prompt, counts)
         else:
             row.ids = [int(t) for t in request.prompt]
             if not row.ids:
                 raise ValueError("the prompt is empty")
             self.processor.check_length(len(row.ids))
-        return self.processor.preprocess(loaded, crops)
+        if row.cache is not None:
+            row.prefix = min(row.prefix, len(row.ids) - 1)
+            if not row.cache.trim_to(row.prefix):
+                row.cache = None
+        if row.cache is None:
+            row.cache, row.prefix = self.model.make_cache(), 0
+        return images
+
+    def _known_features(self, row: _Row, images: list[Any]) -> list[int]:
+        """Fill the row's image features from the feature store; the images it still needs
+        encoded (an image whose slots all lie in the reused prefix is not needed)."""
+        row.features = [None] * len(images)
+        needed = {k for begin, length, k in image_slots(np.asarray(row.ids))
+                  if begin + length > row.prefix}  # fmt: skip
+        missing = []
+        for k in sorted(needed):
+            key = row.image_keys[k] if row.image_keys else None
+            known = self.features.get(key) if self.features is not None and key else None
+            if known is None:
+                missing.append(k)
+            row.features[k] = known
+        return missing
 
     def _read(self, row: _Row, events: list[RowEvent]) -> None:
         """Read one chunk of a row's prompt; after its last, draw the row's first token as
@@ -439,15 +475,6 @@ class BatchEngine:
         self._release(row)
         cache = row.cache if row.keep_cache else None
         events.append(RowEvent(row.index, text=tail, result=result, cache=cache))
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def stream_batch_generate(

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,6 +129,42 @@ def _bars() -> Iterator[Callable[[str], Callable[[int, int], None] | None]]:
 
     with display:
         yield bar
+
+
+@contextmanager
+def _batch_bar() -> Iterator[Callable[[Any], None] | None]:
+    """A progress bar for ``phi3v batch`` on stderr in a terminal: inputs done of all, images per
+    minute, generated tokens per second, time left."""
+    if not _terminal():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    display = Progress(
+        TextColumn("Answering"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = display.add_task("Answering", total=None, speed="")
+
+    def report(tally: Any) -> None:
+        seconds = max(time.perf_counter() - tally.started, 1e-9)
+        speed = f"{60 * tally.images / seconds:.1f} images/min, {tally.tokens / seconds:.2f} tok/s"
+        display.update(task, completed=tally.done, total=tally.total, speed=speed)
+
+    with display:
+        yield report
 
 
 class Interrupt:
@@ -405,13 +442,7 @@ def batch(
         path, processor = _processor(model, dtype, num_crops, quiet=not first)
         return _weights(path, dtype), processor
 
-    with _bars() as bar:
-        show = bar("Answering")
-
-        def report(tally: Any) -> None:
-            if show is not None:
-                show(tally.done, tally.total)
-
+    with _batch_bar() as report:
         try:
             tally = run(
                 load, items, output, system=system, batch_size=batch_size, options=options,
@@ -423,6 +454,63 @@ def batch(
             raise typer.Exit(130) from None
     if tally is not None:
         typer.echo(tally.line(output), err=True)
+
+
+@app.command()
+def serve(
+    model: ModelOption = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="Require this Bearer key on /v1.")
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option("--cors-origin", help="Allow browser calls from this origin; repeatable."),
+    ] = None,
+    media_dir: Annotated[
+        Path | None, typer.Option("--media-dir", help="Allow local image paths inside it.")
+    ] = None,
+    allow_remote_images: Annotated[
+        bool, typer.Option("--allow-remote-images", help="Fetch http(s) image URLs.")
+    ] = False,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Request size cap.")] = 32.0,
+    max_image_pixels: Annotated[
+        int, typer.Option("--max-image-pixels", help="Pixels per image cap.")
+    ] = 50_000_000,
+    max_images: Annotated[int, typer.Option("--max-images", help="Images per request cap.")] = 8,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="max_tokens cap.")] = 4096,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Requests decoded together.")] = 8,
+    queue_size: Annotated[
+        int, typer.Option("--queue-size", help="Requests waiting beyond those (503 past it).")
+    ] = 32,
+    prompt_cache_gb: Annotated[
+        float, typer.Option("--prompt-cache-gb", help="Prompt and image cache budget.")
+    ] = 2.0,
+    dtype: DtypeOption = None,
+) -> None:
+    """Serve the OpenAI chat API (and a chat page) on this machine."""
+    from .server import ServerSettings
+    from .server import serve as run
+
+    if media_dir is not None and not media_dir.is_dir():
+        raise ValueError(f"--media-dir {media_dir} is not a folder")
+    if batch_size < 1 or queue_size < 0 or max_images < 0 or max_tokens < 1:
+        raise ValueError("--batch-size and --max-tokens must be at least 1, --queue-size and "
+                         "--max-images at least 0")  # fmt: skip
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: listening on {host}: other machines can reach this server"
+                   + ("" if api_key else " (and no --api-key is set)"), err=True)  # fmt: skip
+    settings = ServerSettings(
+        model_name=model, api_key=api_key, cors_origins=cors_origin or (), media_dir=media_dir,
+        allow_remote_images=allow_remote_images, max_body_mb=max_body_mb,
+        max_image_pixels=max_image_pixels, max_images=max_images, max_tokens=max_tokens,
+        batch_size=batch_size, queue_size=queue_size, prompt_cache_gb=prompt_cache_gb,
+    )  # fmt: skip
+    path, processor = _processor(model, dtype, None)
+    loaded_model = _weights(path, dtype)
+    typer.echo(f"Serving {model} on http://{host}:{port} (OpenAI API at /v1)", err=True)
+    run(loaded_model, processor, settings, host=host, port=port)
 
 
 @app.command()

@@ -174,6 +174,9 @@ class SuScaledRope:
         self.dims = dims
         self.short = mx.array(short, dtype=mx.float32) * base
         self.long = mx.array(long, dtype=mx.float32) * base
+        # Computed now: a lazy array can only be evaluated on a stream of the thread that made
+        # it, and generations run on other threads (a server's engine).
+        mx.eval(self.short, self.long)
         self.threshold = config.original_max_position_embeddings if scaling else None
         self.long_at_threshold = config.long_at_threshold
         self.short_mscale, self.long_mscale = config.rope_mscales

@@ -64,23 +64,26 @@ class Model(nn.Module):
         return self.vision(mx.array(pixel_values), sizes, between_batches)
 
     def merge(
-        self, input_ids: mx.array, image_embeds: Sequence[mx.array], start: int = 0
+        self, input_ids: mx.array, image_embeds: Sequence[mx.array | None], start: int = 0
     ) -> mx.array:
         """Input embeddings [1, T - start, hidden] of positions ``start``.. of a prompt: tokens
-        embedded, the slots of image k filled by image k's embeddings."""
+        embedded, the slots of image k filled by image k's embeddings (None for an image whose
+        slots all lie before ``start``)."""
         ids = np.asarray(input_ids).reshape(-1)
         runs = image_slots(ids)
         if image_embeds and not runs:
             raise ValueError(
                 f"{len(image_embeds)} image(s) given but the prompt has no image slots"
             )
-        for _, length, k in runs:
+        for begin, length, k in runs:
             if k >= len(image_embeds):
                 raise ValueError(
                     f"the prompt has slots for image {k + 1} "
                     f"but {len(image_embeds)} image(s) were given"
                 )
-            if length != len(image_embeds[k]):
+            if image_embeds[k] is None and begin + length > start:
+                raise ValueError(f"image {k + 1} is needed from position {start} on")
+            if image_embeds[k] is not None and length != len(image_embeds[k]):
                 raise ValueError(
                     f"image {k + 1} fills {len(image_embeds[k])} slots "
                     f"but the prompt has a run of {length}"
