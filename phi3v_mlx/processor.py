@@ -14,7 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 CROP = 336
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
@@ -110,6 +110,8 @@ def _open(source: str | Path | bytes | bytearray, name: str) -> Image.Image:
         return image
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name} is too large: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} cannot be read: not an image format Pillow knows") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name} cannot be read: {e}") from None
 

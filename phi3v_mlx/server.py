@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlparse
 
 import mlx.core as mx
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.requests import Request as HttpRequest
 
 from .batch import BatchEngine, Request, RowEvent
@@ -38,6 +38,13 @@ from .processor import Processor, load_image
 from .session import common_prefix, image_digest
 
 log = logging.getLogger("phi3v_mlx.server")
+CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
+# The page loads nothing from elsewhere: its own inline style and script, images as data URLs.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+    "style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 ROLES = ("system", "developer", "user", "assistant")
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "response_format")
 
@@ -342,7 +349,7 @@ class ImageReader:
         try:
             return load_image(data, index, self.settings.max_image_pixels)
         except ValueError as e:
-            raise ApiError(400, f"{where}: {e}", param="messages") from None
+            raise ApiError(400, str(e), param="messages") from None
 
     def _data_url(self, url: str, where: str) -> bytes:
         head, _, payload = url.partition(",")
@@ -486,6 +493,10 @@ def create_app(model: Model, processor: Processor, settings: ServerSettings) -> 
     async def internal_error(request: HttpRequest, error: Exception) -> JSONResponse:
         log.exception("unexpected error")
         return JSONResponse(ApiError(500, "internal server error").body, status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"), headers=PAGE_HEADERS)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
