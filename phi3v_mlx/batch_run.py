@@ -202,6 +202,14 @@ class Tally:
             self.images += len(row["images"])
             self.tokens += row["generation_tokens"]
 
+    def status(self) -> str:
+        """Inputs done, images per minute and generated tokens per second so far."""
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        return (
+            f"{self.done}/{self.total} inputs, {60 * self.images / seconds:.1f} images/min, "
+            f"{self.tokens / seconds:.2f} tok/s"
+        )
+
     def line(self, output: Path) -> str:
         seconds = time.perf_counter() - self.started
         return (

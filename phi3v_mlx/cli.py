@@ -6,7 +6,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,6 +91,9 @@ DtypeOption = Annotated[
     typer.Option("--dtype", help="Compute in float32, float16 or bfloat16 (default: stored)."),
 ]
 VerboseOption = Annotated[bool, typer.Option("--verbose", help="Statistics on stderr.")]
+AdapterOption = Annotated[
+    Path | None, typer.Option("--adapter-path", help="A fine-tuned adapter (phi3v lora).")
+]
 
 
 def _terminal() -> bool:
@@ -99,72 +101,45 @@ def _terminal() -> bool:
 
 
 @contextmanager
-def _bars() -> Iterator[Callable[[str], Callable[[int, int], None] | None]]:
+def _bars() -> Iterator[Callable[[str], Callable[..., None] | None]]:
     """Rich progress bars on stderr when run in a terminal: ``bar(description)`` gives the
-    callback ``(done, total)`` of one bar, shown from its first report (None without a terminal)."""
+    callback ``(done, total, status="")`` of one bar, shown from its first report (None without
+    a terminal)."""
     if not _terminal():
         yield lambda description: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
-
-    display = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-
-    def bar(description: str) -> Callable[[int, int], None]:
-        task = None
-
-        def report(done: int, total: int) -> None:
-            nonlocal task
-            if task is None:
-                task = display.add_task(description, total=total)
-            display.update(task, completed=done, total=total)
-
-        return report
-
-    with display:
-        yield bar
-
-
-@contextmanager
-def _batch_bar() -> Iterator[Callable[[Any], None] | None]:
-    """A progress bar for ``phi3v batch`` on stderr in a terminal: inputs done of all, images per
-    minute, generated tokens per second, time left."""
-    if not _terminal():
-        yield None
-        return
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
-        MofNCompleteColumn,
         Progress,
+        TaskProgressColumn,
         TextColumn,
         TimeRemainingColumn,
     )
 
     display = Progress(
-        TextColumn("Answering"),
+        TextColumn("{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[speed]}"),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[status]}"),
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=True,
     )
-    task = display.add_task("Answering", total=None, speed="")
 
-    def report(tally: Any) -> None:
-        seconds = max(time.perf_counter() - tally.started, 1e-9)
-        speed = f"{60 * tally.images / seconds:.1f} images/min, {tally.tokens / seconds:.2f} tok/s"
-        display.update(task, completed=tally.done, total=tally.total, speed=speed)
+    def bar(description: str) -> Callable[..., None]:
+        task = None
+
+        def report(done: int, total: int, status: str = "") -> None:
+            nonlocal task
+            if task is None:
+                task = display.add_task(description, total=total, status=status)
+            display.update(task, completed=done, total=total, status=status)
+
+        return report
 
     with display:
-        yield report
+        yield bar
 
 
 class Interrupt:
@@ -233,9 +208,15 @@ def _processor(
     return path, processor
 
 
-def _weights(path: Path, dtype: str | None) -> Model:
+def _weights(path: Path, dtype: str | None, adapter_path: Path | None = None) -> Model:
+    """The model's weights, with a fine-tuned adapter on them if given."""
     with _bars() as bar:
-        return load_model(path, dtype, progress=bar("Loading weights"))
+        model = load_model(path, dtype, progress=bar("Loading weights"))
+    if adapter_path is not None:
+        from .lora import load_adapter
+
+        load_adapter(model, adapter_path)
+    return model
 
 
 def _echo(chunks: Iterator[GenerationChunk]) -> GenerationResult:
@@ -264,6 +245,7 @@ def generate(
     kv_bits: KvBitsOption = None,
     max_kv_size: MaxKvSizeOption = None,
     dtype: DtypeOption = None,
+    adapter_path: AdapterOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Answer one prompt about images, streamed to stdout."""
@@ -281,7 +263,7 @@ def generate(
     chat_prompt = processor.apply_chat_template(messages)
     crops = processor.crops(num_crops)
     processor.tokenize(chat_prompt, [processor.image_tokens(im, crops) for im in images])
-    loaded_model = _weights(path, dtype)
+    loaded_model = _weights(path, dtype, adapter_path)
     with Interrupt() as interrupt, _bars() as bar:
         chunks = stream_generate(
             loaded_model, processor, chat_prompt, images=images or None, num_crops=num_crops,
@@ -323,6 +305,7 @@ def chat(
     kv_bits: KvBitsOption = None,
     max_kv_size: MaxKvSizeOption = None,
     dtype: DtypeOption = None,
+    adapter_path: AdapterOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """An interactive chat about images, one conversation."""
@@ -332,7 +315,7 @@ def chat(
     _check_images(pending)
     interactive = sys.stdin.isatty()
     path, processor = _processor(model, dtype, num_crops)
-    loaded_model = _weights(path, dtype)
+    loaded_model = _weights(path, dtype, adapter_path)
     session = ChatSession(loaded_model, processor, system=system)
     failed = False
     if interactive:
@@ -422,6 +405,7 @@ def batch(
     seed: SeedOption = None,
     num_crops: NumCropsOption = None,
     dtype: DtypeOption = None,
+    adapter_path: AdapterOption = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start over instead of resuming.")
     ] = False,
@@ -440,9 +424,15 @@ def batch(
 
     def load(first: bool) -> tuple[Model, Processor]:
         path, processor = _processor(model, dtype, num_crops, quiet=not first)
-        return _weights(path, dtype), processor
+        return _weights(path, dtype, adapter_path), processor
 
-    with _batch_bar() as report:
+    with _bars() as bar:
+        show = bar("Answering")
+
+        def report(tally: Any) -> None:
+            if show is not None:
+                show(tally.done, tally.total, tally.status())
+
         try:
             tally = run(
                 load, items, output, system=system, batch_size=batch_size, options=options,
@@ -488,6 +478,7 @@ def serve(
         float, typer.Option("--prompt-cache-gb", help="Prompt and image cache budget.")
     ] = 2.0,
     dtype: DtypeOption = None,
+    adapter_path: AdapterOption = None,
 ) -> None:
     """Serve the OpenAI chat API (and a chat page) on this machine."""
     from .server import ServerSettings
@@ -508,9 +499,190 @@ def serve(
         batch_size=batch_size, queue_size=queue_size, prompt_cache_gb=prompt_cache_gb,
     )  # fmt: skip
     path, processor = _processor(model, dtype, None)
-    loaded_model = _weights(path, dtype)
+    loaded_model = _weights(path, dtype, adapter_path)
     typer.echo(f"Serving {model} on http://{host}:{port} (OpenAI API at /v1)", err=True)
     run(loaded_model, processor, settings, host=host, port=port)
+
+
+@app.command()
+def lora(
+    data: Annotated[Path, typer.Option("--data", help="Training rows (JSONL).")],
+    adapter_path: Annotated[
+        Path, typer.Option("--adapter-path", help="Folder the adapter is saved in.")
+    ],
+    model: ModelOption = DEFAULT_MODEL,
+    val_data: Annotated[
+        Path | None, typer.Option("--val-data", help="Validation rows (JSONL).")
+    ] = None,
+    iters: Annotated[int, typer.Option("--iters", help="Training steps.")] = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per step.")] = 1,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", help="Adam's rate.")] = 1e-5,
+    rank: Annotated[int, typer.Option("--rank", help="Adapter rank.")] = 8,
+    scale: Annotated[float, typer.Option("--scale", help="Adapter scale.")] = 20.0,
+    dropout: Annotated[float, typer.Option("--dropout", help="Adapter dropout.")] = 0.0,
+    num_layers: Annotated[
+        int, typer.Option("--num-layers", help="Adapt the last K decoder layers (-1: all).")
+    ] = -1,
+    fine_tune_type: Annotated[str, typer.Option("--fine-tune-type", help="lora or dora.")] = "lora",
+    target_modules: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--target-modules", help="Modules to adapt (self_attn.o_proj, lm_head); repeatable."
+        ),
+    ] = None,
+    grad_checkpoint: Annotated[
+        bool, typer.Option("--grad-checkpoint", help="Recompute activations: less memory.")
+    ] = False,
+    steps_per_report: Annotated[
+        int, typer.Option("--steps-per-report", help="Report train loss every N steps.")
+    ] = 10,
+    steps_per_eval: Annotated[
+        int, typer.Option("--steps-per-eval", help="Validation loss every N steps.")
+    ] = 50,
+    save_every: Annotated[int, typer.Option("--save-every", help="Save every N steps.")] = 100,
+    resume_adapter_file: Annotated[
+        Path | None, typer.Option("--resume-adapter-file", help="Adapter weights to go on from.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    num_crops: NumCropsOption = None,
+    max_seq_length: Annotated[
+        int, typer.Option("--max-seq-length", help="Longest row, in tokens.")
+    ] = 4096,
+    dtype: DtypeOption = None,
+) -> None:
+    """Fine-tune an adapter (LoRA, DoRA; QLoRA on a quantized model)."""
+    import json as json_module
+
+    import mlx.core as mx
+
+    from . import lora as tuning
+
+    settings = tuning.AdapterSettings(
+        rank=rank,
+        scale=scale,
+        dropout=dropout,
+        num_layers=num_layers,
+        fine_tune_type=fine_tune_type,
+        targets=list(target_modules or []),
+    )
+    schedule = tuning.TrainSettings(
+        iters=iters,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        steps_per_report=steps_per_report,
+        steps_per_eval=steps_per_eval,
+        save_every=save_every,
+        grad_checkpoint=grad_checkpoint,
+        seed=seed,
+    )
+    if resume_adapter_file is not None and not resume_adapter_file.is_file():
+        raise ValueError(f"--resume-adapter-file {resume_adapter_file}: no such file")
+    path, processor = _processor(model, dtype, num_crops)
+    train_set, images = tuning.load_dataset(data, processor, num_crops, max_seq_length)
+    val_set = []
+    if val_data is not None:
+        val_set, val_images = tuning.load_dataset(val_data, processor, num_crops, max_seq_length)
+        images.update(val_images)
+    loaded_model = _weights(path, dtype)
+    mx.random.seed(seed)
+    tuning.add_adapters(loaded_model, settings)
+    start = 0
+    if resume_adapter_file is not None:
+        start = tuning.load_adapter_weights(loaded_model, resume_adapter_file)
+    adapter_path.mkdir(parents=True, exist_ok=True)
+    config = tuning.adapter_config(
+        settings,
+        model=model,
+        data=str(data),
+        iters=iters,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        num_crops=num_crops,
+        max_seq_length=max_seq_length,
+        seed=seed,
+    )
+    (adapter_path / tuning.ADAPTER_CONFIG).write_text(json_module.dumps(config, indent=2) + "\n")
+    metrics = (adapter_path / "metrics.jsonl").open("a" if start else "w", encoding="utf-8")
+    last: dict[str, Any] = {}
+    with metrics, _bars() as bar:
+        encoding = bar("Encoding images")
+        features = tuning.encode_dataset_images(loaded_model, processor, images, encoding)
+        training = bar("Training")
+
+        def report(entry: Any) -> None:
+            metrics.write(json_module.dumps(entry.row()) + "\n")
+            metrics.flush()
+            last.update(entry.row())
+            line = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in entry.row().items())
+            if training is None:
+                typer.echo(line, err=True)
+
+        def step_done(iteration: int) -> None:
+            if training is not None:
+                status = (
+                    f"loss {last.get('train_loss', float('nan')):.3f}, lr {learning_rate:g}, "
+                    f"{last.get('tokens_per_second', 0):.1f} tok/s"
+                )
+                training(iteration - start, iters, f"it {iteration}, {status}")
+
+        tuning.train(
+            loaded_model,
+            train_set,
+            val_set,
+            features,
+            schedule,
+            adapter_path / tuning.ADAPTER_WEIGHTS,
+            start=start,
+            report=report,
+            step_done=step_done,
+        )
+    typer.echo(
+        f"Saved the adapter in {adapter_path} (train loss {last.get('train_loss', 0):.3f}"
+        f" after {start + iters} steps; metrics in {adapter_path / 'metrics.jsonl'})",
+        err=True,
+    )
+
+
+@app.command()
+def fuse(
+    adapter_path: Annotated[Path, typer.Option("--adapter-path", help="The adapter to fuse.")],
+    save_path: Annotated[str, typer.Option("--save-path", help="Output folder.")],
+    model: ModelOption = DEFAULT_MODEL,
+    dequantize: Annotated[
+        bool, typer.Option("--dequantize", "-d", help="Keep a quantized base's result 16-bit.")
+    ] = False,
+    quantize: Annotated[
+        bool, typer.Option("--quantize", "-q", help="Quantize the result.")
+    ] = False,
+    q_bits: Annotated[int | None, typer.Option("--q-bits", help="Bits (the base's).")] = None,
+    q_group_size: Annotated[
+        int | None, typer.Option("--q-group-size", help="Group size (the base's).")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="float16, bfloat16 or float32 for the rest.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing model folder at --save-path.")
+    ] = False,
+) -> None:
+    """Fuse an adapter into its model and save the result."""
+    from .lora import fuse as run
+
+    with _bars() as bar:
+        run(
+            model,
+            adapter_path,
+            save_path,
+            dequantize=dequantize,
+            quantize=quantize,
+            q_bits=q_bits,
+            q_group_size=q_group_size,
+            dtype=dtype,
+            force=force,
+            log=lambda line: typer.echo(line, err=True),
+            progress=bar("Writing weights"),
+            check_progress=bar("Comparing"),
+        )
 
 
 @app.command()

@@ -305,19 +305,22 @@ def calibration_inputs(processor: Any) -> list[dict[str, Any]]:
     return inputs
 
 
-def _log_probs(
-    path: Path,
+ModelLoader = Callable[[str | None], Model]  # the model, computing in the given dtype
+
+
+def calibration_log_probs(
+    load: ModelLoader,
     inputs: list[dict[str, Any]],
     dtype: str | None,
     dense: bool,
     advance: Callable[[int], None],
-) -> list[np.ndarray]:
-    """Next-token log-probabilities of a model at the last positions of each input, the prompt
-    read in prefill chunks (``advance(positions)`` after each); the model is freed after."""
+) -> np.ndarray:
+    """Next-token log-probabilities [positions, vocab] of a model at the last positions of each
+    input, the prompt read in prefill chunks (``advance(positions)`` after each); with
+    ``dense`` its quantized layers are expanded first. The model is freed after."""
     from .generate import default_prefill_step
-    from .loader import load_model
 
-    model = load_model(path, dtype)
+    model = load(dtype)
     if dense:
         dequantize_model(model)
     step = default_prefill_step()
@@ -339,32 +342,29 @@ def _log_probs(
         out.append(np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0])
     del model
     mx.clear_cache()
-    return out
+    return np.concatenate(out)
 
 
-def _stored_dtype(path: Path) -> str | None:
-    value = json.loads((path / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
+def agreement(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
+    """Top-1 agreement and mean KL(reference || other) of two log-probability arrays."""
+    top1 = float((reference.argmax(-1) == other.argmax(-1)).mean())
+    kl = float((np.exp(reference) * (reference - other)).sum(-1).mean())
+    return top1, kl
+
+
+def check_dtype(source: Path, dtype: str | None) -> str | None:
+    """The dtype a fidelity check computes in: ``dtype`` if given, float32 on the CPU backend
+    (where 16-bit and quantized products are slow), else the source's stored dtype."""
+    if dtype is not None:
+        return dtype
+    if not mx.metal.is_available():
+        return "float32"
+    value = json.loads((source / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
     return value if value in DTYPES else None
 
 
-def fidelity(
-    source: Path,
-    converted: Path,
-    dtype: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> FidelityReport:
-    """Top-1 agreement and mean KL(source || converted) over the built-in calibration.
-
-    Both models compute in ``dtype``: by default float32 on the CPU backend, where 16-bit and
-    quantized products are slow (the converted model's quantized layers are then expanded, the
-    same arithmetic), else the source's stored dtype, so memory stays low. ``progress(done,
-    total)`` counts prompt positions read by both models.
-    """
-    cpu = not mx.metal.is_available()
-    if dtype is None:
-        dtype = "float32" if cpu else _stored_dtype(source)
-    inputs = calibration_inputs(load_processor(source))
-    total = 2 * sum(item["input_ids"].shape[1] for item in inputs)
+def counter(total: int, progress: Callable[[int, int], None] | None) -> Callable[[int], None]:
+    """``advance(positions)`` that reports the running sum out of ``total``."""
     done = 0
 
     def advance(positions: int) -> None:
@@ -373,11 +373,29 @@ def fidelity(
         if progress is not None:
             progress(done, total)
 
-    ref = np.concatenate(_log_probs(source, inputs, dtype, False, advance))
-    got = np.concatenate(_log_probs(converted, inputs, dtype, cpu, advance))
-    agree = float((ref.argmax(-1) == got.argmax(-1)).mean())
-    kl = float((np.exp(ref) * (ref - got)).sum(-1).mean())
-    return FidelityReport(len(ref), agree, kl, folder_bytes(source), folder_bytes(converted))
+    return advance
+
+
+def fidelity(
+    source: Path,
+    converted: Path,
+    dtype: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> FidelityReport:
+    """Top-1 agreement and mean KL(source || converted) over the built-in calibration, both
+    models computing in :func:`check_dtype`'s dtype (on the CPU backend the converted model's
+    quantized layers are expanded: the same arithmetic, far faster there). ``progress(done,
+    total)`` counts prompt positions read by both models."""
+    from .loader import load_model
+
+    dtype = check_dtype(source, dtype)
+    inputs = calibration_inputs(load_processor(source))
+    advance = counter(2 * sum(item["input_ids"].shape[1] for item in inputs), progress)
+    cpu = not mx.metal.is_available()
+    ref = calibration_log_probs(lambda d: load_model(source, d), inputs, dtype, False, advance)
+    got = calibration_log_probs(lambda d: load_model(converted, d), inputs, dtype, cpu, advance)
+    top1, kl = agreement(ref, got)
+    return FidelityReport(len(ref), top1, kl, folder_bytes(source), folder_bytes(converted))
 
 
 PARTIAL_FOLDER = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")
@@ -454,15 +472,17 @@ def convert(
     force: bool = False,
     check: bool = True,
     shard_bytes: int = SHARD_BYTES,
+    replace: dict[str, mx.array] | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[int, int], None] | None = None,
     check_progress: Callable[[int, int], None] | None = None,
 ) -> FidelityReport | None:
     """Write an MLX checkpoint of ``hf_path`` to ``mlx_path`` in the layout mlx-vlm also reads.
 
-    With ``quantize`` and ``check``, the fidelity report (also logged) is computed on the written
-    files before they are published: nothing is left at ``mlx_path``, nor half-written beside it,
-    if anything fails or the process is interrupted or terminated.
+    ``replace`` gives tensors (official names) that take the place of the source's, as fusing an
+    adapter does. With ``quantize`` and ``check``, the fidelity report (also logged) is computed
+    on the written files before they are published: nothing is left at ``mlx_path``, nor
+    half-written beside it, if anything fails or the process is interrupted or terminated.
     """
     if quantize and dequantize:
         raise ConvertError("--quantize and --dequantize exclude each other")
@@ -488,6 +508,10 @@ def convert(
     if dtype not in DTYPES:
         dtype = "bfloat16"
     weights = source_weights(source, config, skeleton)
+    for name, value in (replace or {}).items():
+        if name not in weights or weights[name].shape != value.shape:
+            raise ConvertError(f"{name} cannot replace a tensor of {source}")
+        weights[name] = value
     tensors, modules = plan_tensors(
         weights,
         quantizable(skeleton, quantize_vision),

@@ -199,14 +199,20 @@ def load(
     dtype: str | mx.Dtype | None = None,
     lazy: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    adapter_path: str | Path | None = None,
 ) -> tuple[Model, Processor]:
     """A model and its processor from a local folder or a Hugging Face Hub id.
 
     The checkpoint dtype is kept unless ``dtype`` ("float32", "float16", "bfloat16", or the
-    MLX dtype itself) is given; quantized weights stay quantized.
+    MLX dtype itself) is given; quantized weights stay quantized. ``adapter_path`` puts a
+    fine-tuned adapter (``phi3v lora``'s output, in mlx-lm's format) on the model.
     """
     path = resolve(path_or_repo)
     model = load_model(path, dtype, lazy, progress)
+    if adapter_path is not None:
+        from .lora import load_adapter
+
+        load_adapter(model, adapter_path)
     return model, load_processor(path)
 
 
