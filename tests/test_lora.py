@@ -5,8 +5,10 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 import phi3v_mlx
@@ -222,3 +224,22 @@ def test_mlx_lm_reads_a_text_model_adapter(tmp_path):
     ids = mx.array([[1, 32010, 29871, 13, 10994, 29892]])
     assert float(mx.abs(adapted(ids) - plain(ids)).max()) > 1e-3
     assert Path(tmp_path / "adapter" / "adapters.safetensors").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(data):
+    model, processor = phi3v_mlx.load(MODELS / "tiny-phi35v", dtype="float32")
+    examples, images = lora.load_dataset(data, processor, 1, 4096)
+    mx.random.seed(1)
+    lora.add_adapters(model, lora.AdapterSettings(rank=4))
+    for layer in model.language.layers:  # non-zero adapters, so every gradient flows
+        layer.self_attn.o_proj.lora_b = mx.random.normal(layer.self_attn.o_proj.lora_b.shape)
+    features = lora.encode_dataset_images(model, processor, images)
+    batch = lora._batch(model, examples[:2], features)
+    grads = []
+    for checkpoint in (False, True):
+        step = nn.value_and_grad(model, lambda m, b, c=checkpoint: lora.loss(m, b, c))
+        (value, _), grad = step(model, batch)
+        grads.append((float(value.item()), dict(tree_flatten(grad))))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for name, want in grads[0][1].items():
+        np.testing.assert_allclose(np.array(grads[1][1][name]), np.array(want), atol=1e-6)
