@@ -69,7 +69,7 @@ def test_other_model_type(checkpoint):
     config = json.loads((checkpoint / "config.json").read_text())
     config["model_type"] = "llama"
     (checkpoint / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="'llama' is not Phi-3-Vision"):
+    with pytest.raises(ConfigError, match="'llama' is not one phi3v-mlx runs"):
         phi3v_mlx.load(checkpoint)
 
 
