@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from phi3v_mlx.backend import blas_library
+
 HERE = Path(__file__).resolve().parent
 SIDES = ("phi3v_mlx", "mlx_vlm")
 METRICS = {  # name: (higher is better, unit)
@@ -67,18 +69,6 @@ def make_images(folder: Path) -> dict[str, Path]:
         out[name] = folder / f"{name}.png"
         Image.fromarray(rgb.astype(np.uint8)).save(out[name])
     return out
-
-
-def blas_in_use() -> str:
-    """Which BLAS library this process mapped."""
-    maps = Path("/proc/self/maps")
-    if maps.exists():
-        text = maps.read_text()
-        for name in ("openblas", "mkl", "blis"):
-            if name in text:
-                return name
-        return "reference (bundled with mlx[cpu])"
-    return "Accelerate" if platform.system() == "Darwin" else "unknown"
 
 
 # ---------------------------------------------------------------- the two libraries, same scenarios
@@ -187,7 +177,7 @@ def run_worker(side: str, checkpoint: Path, max_tokens: int) -> dict[str, float]
         lambda: lib.stream(two, [images["landscape"], images["wide"]], 4, 1)
     )
     out["peak_gb"] = max(peaks)
-    out["blas"] = blas_in_use()
+    out["blas"] = blas_library()
     return out
 
 

@@ -6,6 +6,11 @@ and written one at a time (a full-size model never sits in memory), sharded like
     python benchmarks/make_checkpoint.py --model phi-3.5-vision-instruct --dtype float32 \\
         --out benchmarks/checkpoints/phi35v-f32
     python benchmarks/make_checkpoint.py --decoder-layers 4 --vision-layers 4 --out /tmp/quick
+    python benchmarks/make_checkpoint.py --text --dtype float32 \\
+        --out benchmarks/checkpoints/phi35-mini-f32
+
+``--text`` writes the text model that Phi-3.5-vision's decoder is, Phi-3.5-mini (``model_type``
+``phi3``): the vision config keys and tensors are left out.
 """
 
 from __future__ import annotations
@@ -26,11 +31,16 @@ CONFIGS = ROOT / "tests" / "fixtures" / "configs"
 NORMS = re.compile(r"(norm|layrnorm|layer_norm\d)\.weight$")
 
 
-def tensor_list(decoder_layers: int | None, vision_layers: int | None) -> list[tuple[str, tuple]]:
-    """Real tensor names and shapes, keeping only the first layers when asked."""
+def tensor_list(
+    decoder_layers: int | None, vision_layers: int | None, text: bool = False
+) -> list[tuple[str, tuple]]:
+    """Real tensor names and shapes, keeping only the first layers when asked (and no vision
+    tensor for the text model)."""
     out = []
     for line in (CONFIGS / "tensor_names.txt").read_text().splitlines():
         name, shape = line.split("\t")
+        if text and "vision_embed_tokens" in name:
+            continue
         decoder = re.match(r"model\.layers\.(\d+)\.", name)
         vision = re.search(r"encoder\.layers\.(\d+)\.", name)
         if decoder and decoder_layers is not None and int(decoder.group(1)) >= decoder_layers:
@@ -66,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision-layers", type=int, help="keep only this many CLIP layers")
     parser.add_argument("--shard-gb", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text", action="store_true", help="the text model (Phi-3.5-mini)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
 
@@ -79,10 +90,17 @@ def main(argv: list[str] | None = None) -> None:
         config["num_hidden_layers"] = args.decoder_layers
     if args.vision_layers is not None:  # the real config has no vision_config: CLIP ViT-L/14-336
         config["vision_config"] = {"num_hidden_layers": args.vision_layers}
+    if args.text:
+        for key in ("embd_layer", "img_processor", "vision_config", "auto_map"):
+            config.pop(key, None)
+        config.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
+        config["rope_scaling"]["type"] = "longrope"
 
     dtype = getattr(mx, args.dtype)
     tensors = {}
-    for i, (name, shape) in enumerate(tensor_list(args.decoder_layers, args.vision_layers)):
+    for i, (name, shape) in enumerate(
+        tensor_list(args.decoder_layers, args.vision_layers, args.text)
+    ):
         tensors[name] = random_tensor(name, shape, dtype, mx.random.key(args.seed * 100_003 + i))
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     total = save_shards(args.out, tensors, int(args.shard_gb * 1e9), report, fmt="pt")
     (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for file in source.iterdir():
-        if file.name != "config.json":
+        if file.name != "config.json" and not (args.text and "processor" in file.name):
             shutil.copy2(file, args.out / file.name)
     print(f"wrote {args.out}: {count} tensors, {total / 1e9:.3f} GB of {args.dtype}")
 

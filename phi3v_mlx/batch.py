@@ -160,6 +160,22 @@ class StopStrings:
 
 
 @dataclass
+class EngineStats:
+    """What an engine has done: seconds reading prompts (images included) and decoding, and the
+    tokens decoding produced (a row's first token comes with its prompt)."""
+
+    prompt_seconds: float = 0.0
+    prompt_tokens: int = 0
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
+
+    @property
+    def decode_tps(self) -> float:
+        """Aggregate decoding speed: tokens of every row per second."""
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+@dataclass
 class _Row:
     """A request in the engine, from its admission to its end."""
 
@@ -247,6 +263,7 @@ class BatchEngine:
         self._decoding: dict[int, _Row] = {}  # by BatchGenerator uid
         self._wired = wired_limit([generation_stream])
         self._wired.__enter__()
+        self.stats = EngineStats()
 
     def submit(
         self,
@@ -294,13 +311,17 @@ class BatchEngine:
         """Admit, read prompts, decode one token of every decoding row."""
         events: list[RowEvent] = []
         with mx.stream(generation_stream):
+            started = time.perf_counter()
             self._admit(events)
             while self._reading:
                 self._read(self._reading[0], events)
                 if self.interleave:
                     break
+            decoding = time.perf_counter()
+            self.stats.prompt_seconds += decoding - started
             if self._decoding:
-                self._decode(events)
+                self.stats.decode_tokens += self._decode(events)
+                self.stats.decode_seconds += time.perf_counter() - decoding
         return events
 
     def close(self) -> None:
@@ -407,6 +428,7 @@ class BatchEngine:
         tail = row.embeddings[:, row.done :]
         logits = self.model.language(tail, row.cache, last_only=True)[:, -1, :]
         read = row.ids[row.prefix :]
+        self.stats.prompt_tokens += len(read)
         row.processors = make_logits_processors(row.options, before=read[: row.done])
         context = mx.array(np.maximum(read[row.done :], 0), dtype=mx.int32)
         for process in row.processors:
@@ -430,8 +452,10 @@ class BatchEngine:
         )
         self._decoding[uid] = row
 
-    def _decode(self, events: list[RowEvent]) -> None:
-        for response in self._generator.next_generated():
+    def _decode(self, events: list[RowEvent]) -> int:
+        """One decoding step of every decoding row; returns the tokens it produced."""
+        responses = self._generator.next_generated()
+        for response in responses:
             row = self._decoding.get(response.uid)
             if row is None:
                 continue
@@ -446,6 +470,7 @@ class BatchEngine:
                     del self._decoding[response.uid]
             elif response.finish_reason is not None:
                 self._finish(row, "length", events)
+        return len(responses)
 
     def _show(self, row: _Row, token: int, events: list[RowEvent]) -> bool:
         """Show a generated token; True if the row ended with it (a stop id or string)."""

@@ -198,14 +198,7 @@ def save_shards(
         size += value.nbytes
     total = sum(v.nbytes for v in tensors.values())
     weight_map: dict[str, str] = {}
-    done = 0
-
-    def written(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        if progress is not None:
-            progress(done, total)
-
+    written = counter(total, progress)
     for i, names in enumerate(shards):
         file = (
             "model.safetensors"
@@ -364,7 +357,7 @@ def check_dtype(source: Path, dtype: str | None) -> str | None:
 
 
 def counter(total: int, progress: Callable[[int, int], None] | None) -> Callable[[int], None]:
-    """``advance(positions)`` that reports the running sum out of ``total``."""
+    """``advance(amount)`` that reports the running sum out of ``total``."""
     done = 0
 
     def advance(positions: int) -> None:

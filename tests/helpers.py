@@ -78,3 +78,28 @@ def mlx_vlm_with_tiny_tower(monkeypatch):
     import mlx_vlm
 
     return mlx_vlm
+
+
+def count_vision_runs(model, monkeypatch) -> list[int]:
+    """A list that receives the number of crops of every vision-tower run of the model."""
+    runs = []
+    original = model.vision.crop_features
+
+    def counting(pixel_values, *rest):
+        runs.append(pixel_values.shape[0])
+        return original(pixel_values, *rest)
+
+    monkeypatch.setattr(model.vision, "crop_features", counting)
+    return runs
+
+
+def check_logit_summaries(logits, out, tol) -> None:
+    """Per-position top-5 logits, logsumexp and argmax against a golden file's."""
+    import numpy as np
+
+    top = np.take_along_axis(logits, out["top5_ids"].astype(np.int64), axis=-1)
+    np.testing.assert_allclose(top, out["top5_logits"], **tol)
+    peak = logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(logits - peak).sum(-1)) + peak[:, 0]
+    np.testing.assert_allclose(lse, out["logsumexp"], **tol)
+    np.testing.assert_array_equal(logits.argmax(-1), out["argmax"])

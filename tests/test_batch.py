@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 import phi3v_mlx
 from phi3v_mlx import cli
 from phi3v_mlx.batch import as_request
+from phi3v_mlx.generate import SamplingOptions
 from tests.conftest import IMAGES, MODELS, load_variant, open_image
+from tests.helpers import count_vision_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(MODELS / "tiny-phi35v")
@@ -95,14 +97,7 @@ def test_a_text_model_batches_too():
 
 def test_images_of_admitted_rows_share_one_vision_run(monkeypatch):
     model, processor = load_variant("tiny-phi35v")
-    runs = []
-    original = model.vision.crop_features
-
-    def counting(pixel_values, *rest):
-        runs.append(pixel_values.shape[0])
-        return original(pixel_values, *rest)
-
-    monkeypatch.setattr(model.vision, "crop_features", counting)
+    runs = count_vision_runs(model, monkeypatch)
     requests = _requests()
     phi3v_mlx.batch_generate(model, processor, requests, batch_size=8, max_tokens=2)
     crops = [processor.preprocess(as_request(r).images, as_request(r).num_crops).pixel_values
@@ -249,3 +244,20 @@ def test_two_ranks_under_mlx_launch_give_the_same_rows(inputs):
     two = {row["id"]: row for row in _rows(double)}
     assert two == one
     assert done.stderr.count("Answered 6 of 6") == 1
+
+
+def test_engine_counts_what_it_did():
+    """Decoding tokens and seconds: every token after each row's first comes from decoding."""
+    model, processor = load_variant("tiny-phi35v")
+    engine = phi3v_mlx.BatchEngine(model, processor, batch_size=2)
+    for i in range(3):
+        engine.submit(
+            f"<|user|>\nQuestion {i}<|end|>\n<|assistant|>\n", SamplingOptions(max_tokens=5)
+        )
+    results = []
+    while engine.pending():
+        results += [e.result for e in engine.step() if e.result is not None]
+    engine.close()
+    assert engine.stats.decode_tokens == sum(len(r.tokens) for r in results) - len(results)
+    assert engine.stats.prompt_tokens == sum(r.prompt_tokens for r in results)
+    assert engine.stats.decode_seconds > 0 and engine.stats.decode_tps > 0

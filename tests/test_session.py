@@ -9,20 +9,14 @@ import phi3v_mlx
 from phi3v_mlx import ChatSession
 from phi3v_mlx.generate import collect
 from tests.conftest import open_image
+from tests.helpers import count_vision_runs
 
 
 @pytest.fixture
 def counted(loaded, monkeypatch):
     """The model with a counter of vision-tower runs (crops through CLIP)."""
     model, processor = loaded
-    runs = []
-    original = model.vision.crop_features
-
-    def counting(pixel_values, *rest):
-        runs.append(pixel_values.shape[0])
-        return original(pixel_values, *rest)
-
-    monkeypatch.setattr(model.vision, "crop_features", counting)
+    runs = count_vision_runs(model, monkeypatch)
     return model, processor, runs
 
 
