@@ -167,6 +167,12 @@ class Job:
     row: int | None = None
     cached_tokens: int = 0
     prompt_tokens: int = 0
+    fault: bool = False  # it failed through no fault of the request
+
+    def error(self, message: str) -> ApiError:
+        if self.fault:
+            return ApiError(500, message, code="generation_failed")
+        return ApiError(400, message, param="messages")
 
 
 class EngineThread(threading.Thread):
@@ -210,23 +216,23 @@ class EngineThread(threading.Thread):
         self._stopping.set()
         self._intake.put(("stop", None))
 
+    def _engine(self) -> BatchEngine:
+        return BatchEngine(self.model, self.processor, batch_size=self.settings.batch_size,
+                           interleave=True, features=self.store)  # fmt: skip
+
     def run(self) -> None:
-        engine = BatchEngine(
-            self.model,
-            self.processor,
-            batch_size=self.settings.batch_size,
-            interleave=True,
-            features=self.store,
-        )
+        engine = self._engine()
         try:
             while not self._stopping.is_set():
                 self._take(engine, block=engine.pending() == 0)
                 if engine.pending():
                     try:
                         events = engine.step()
-                    except Exception as e:  # a fault in the engine fails what is in flight
+                    except Exception as e:  # a fault fails what is in flight, and only that
                         log.exception("engine step failed")
                         self._fail_all(engine, f"generation failed: {e}")
+                        engine.close()
+                        engine = self._engine()
                         continue
                     for event in events:
                         self._deliver(event)
@@ -275,8 +281,9 @@ class EngineThread(threading.Thread):
         job.loop.call_soon_threadsafe(job.events.put_nowait, event)
 
     def _fail_all(self, engine: BatchEngine, message: str) -> None:
-        for row in list(self._jobs):
+        for row, job in list(self._jobs.items()):
             engine.cancel(row)
+            job.fault = True
             self._deliver(RowEvent(row, error=message))
 
 
@@ -623,7 +630,7 @@ async def _complete(
                 raise ApiError(499, "the client closed the request") from None
             continue
         if event.error is not None:
-            raise ApiError(400, event.error, param="messages")
+            raise job.error(event.error)
         texts.append(event.text)
         if event.result is not None:
             result = event.result
@@ -671,8 +678,7 @@ async def _stream(
         while True:
             event = await job.events.get()
             if event.error is not None:
-                error = ApiError(400, event.error, param="messages").body
-                yield f"data: {json.dumps(error)}\n\n"
+                yield f"data: {json.dumps(job.error(event.error).body)}\n\n"
                 finished = True
                 break
             if event.text:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import phi3v_mlx
 from phi3v_mlx import cli
-from phi3v_mlx.batch import as_request
+from phi3v_mlx.batch import StopStrings, as_request
 from phi3v_mlx.generate import SamplingOptions
 from tests.conftest import IMAGES, MODELS, load_variant, open_image
 from tests.helpers import count_vision_runs
@@ -261,3 +261,14 @@ def test_engine_counts_what_it_did():
     assert engine.stats.decode_tokens == sum(len(r.tokens) for r in results) - len(results)
     assert engine.stats.prompt_tokens == sum(r.prompt_tokens for r in results)
     assert engine.stats.decode_seconds > 0 and engine.stats.decode_tps > 0
+
+
+def test_stop_strings_hold_back_only_what_could_begin_a_match():
+    stops = StopStrings(["world", "\n\n"])
+    assert stops.feed("Hello w") == ("Hello ", False)
+    assert stops.feed("or") == ("", False)
+    assert stops.feed("k is done\n") == ("work is done", False)
+    assert stops.feed("\nmore") == ("", True)
+    again = StopStrings(["END"])
+    assert again.feed("the EN") == ("the ", False)
+    assert again.flush() == "EN"

@@ -224,6 +224,17 @@ def test_generate_honours_image_tags_typed_in_the_prompt():
     assert both.exit_code != 0 and "<|image_2|>" in str(both.exception)
 
 
+def test_cpu_precision_note_for_a_quantized_checkpoint(tmp_path):
+    from phi3v_mlx.convert import convert
+
+    convert(TINY, tmp_path / "q8", quantize=True, q_bits=8, check=False, log=lambda _: None)
+    args = ["generate", "--model", str(tmp_path / "q8"), "-p", "hi", "-m", "1"]
+    stored = runner.invoke(cli.app, args)
+    assert "quantized matrix products slowly: --dtype float32" in stored.stderr
+    wide = runner.invoke(cli.app, [*args, "--dtype", "float32"])
+    assert wide.exit_code == 0 and "quantized" not in wide.stderr
+
+
 def test_cpu_precision_note_once(monkeypatch):
     stored = runner.invoke(cli.app, ["generate", "--model", TINY, "-p", "hi", "-m", "1"])
     notes = [line for line in stored.stderr.splitlines() if line.startswith("note:")]

@@ -438,3 +438,26 @@ def test_serve_command_binds_loopback_and_warns_otherwise(monkeypatch):
     bad = CliRunner().invoke(cli.app, ["serve", "--model", tiny, "--media-dir", "/nonexistent"])
     assert bad.exit_code != 0 and "not a folder" in str(bad.exception)
     assert os.environ.get("PHI3V_NEVER_SET") is None
+
+
+def test_an_engine_fault_is_a_500_and_the_server_goes_on(monkeypatch):
+    from phi3v_mlx.batch import BatchEngine
+
+    original, calls = BatchEngine.step, []
+
+    def failing_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return original(self)
+
+    monkeypatch.setattr(BatchEngine, "step", failing_once)
+    hello = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
+    with live_server() as base:
+        failed = httpx.post(f"{base}/v1/chat/completions", json=hello, timeout=60)
+        assert failed.status_code == 500 and error_of(failed)["code"] == "generation_failed"
+        assert "device lost" in error_of(failed)["message"]
+        again = httpx.post(f"{base}/v1/chat/completions", json=hello, timeout=60)
+    assert again.status_code == 200
+    want = reference([{"role": "user", "content": "Hi"}], [], 3).text
+    assert again.json()["choices"][0]["message"]["content"] == want
