@@ -6,6 +6,12 @@
 Each measurement runs in a fresh process per library, the libraries alternating, so neither
 inherits the other's memory or warm caches. mlx-vlm is the optional ``bench`` extra
 (``pip install -e ".[bench]"``); without it only phi3v-mlx is measured.
+
+The other workloads have a script each, writing ``results/<date>-<scenario>-<machine>.json`` in
+the same metric schema (each side and the ratio): ``bench_batch.py`` (batched throughput against
+mlx-vlm's ``batch_generate``), ``bench_server.py`` (concurrent clients against sequential ones),
+``bench_text.py`` (Phi-3.5-mini against mlx-lm), ``bench_lora.py`` (one training step) and
+``bench_precision.py`` (what 4-bit and bfloat16 cost on the CPU backend).
 """
 
 from __future__ import annotations

@@ -200,6 +200,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     first_token_at: float = 0.0
+    uid: int | None = None  # in the BatchGenerator, once decoding
 
     def result(self, finish: str) -> GenerationResult:
         now, n, read = time.perf_counter(), len(self.tokens), len(self.ids) - self.prefix
@@ -450,6 +451,7 @@ class BatchEngine:
             samplers=[row.sampler],
             logits_processors=[row.processors],
         )
+        row.uid, row.cache = uid, None  # the generator merges it into the batch's cache
         self._decoding[uid] = row
 
     def _decode(self, events: list[RowEvent]) -> int:
@@ -498,8 +500,15 @@ class BatchEngine:
             row.texts.append(tail)
         result = row.result(finish)
         self._release(row)
-        cache = row.cache if row.keep_cache else None
+        cache = None
+        if row.keep_cache:
+            cache = row.cache or self._decoding_cache(row)
         events.append(RowEvent(row.index, text=tail, result=result, cache=cache))
+
+    def _decoding_cache(self, row: _Row) -> PromptCache:
+        """A copy of the cache of a row still in the generator (it ended on a stop string)."""
+        (*layers, rope), _ = self._generator.extract_cache([row.uid])[row.uid]
+        return PromptCache(layers, rope)
 
 
 def stream_batch_generate(

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
@@ -272,3 +273,29 @@ def test_stop_strings_hold_back_only_what_could_begin_a_match():
     again = StopStrings(["END"])
     assert again.feed("the EN") == ("the ", False)
     assert again.flush() == "EN"
+
+
+def test_kept_caches_hold_what_was_fed_however_a_row_ended():
+    model, processor = load_variant("tiny-phi35v")
+    prompt = "<|user|>\nTell me a story<|end|>\n<|assistant|>\n"
+    free = phi3v_mlx.generate(model, processor, prompt, max_tokens=10)
+    stop = free.text[len(free.text) // 2]
+    engine = phi3v_mlx.BatchEngine(model, processor, batch_size=2)
+    engine.submit(prompt, SamplingOptions(max_tokens=10), keep_cache=True)
+    engine.submit({"prompt": prompt, "stop": [stop]}, SamplingOptions(max_tokens=10),
+                  keep_cache=True)  # fmt: skip
+    ended = []
+    while engine.pending():
+        ended += [e for e in engine.step() if e.result is not None]
+    engine.close()
+    assert sorted(e.result.finish_reason for e in ended) == ["length", "stop"]
+    ids = processor.tokenize(prompt, [])
+    for event in ended:
+        fed = ids + event.result.tokens
+        assert len(ids) <= event.cache.offset <= len(fed)
+        fresh = model.make_cache()
+        model.language(model.merge(mx.array([fed[: event.cache.offset]]), []), fresh)
+        for kept, want in zip(event.cache, fresh, strict=True):
+            length = event.cache.offset
+            got, expected = kept.keys[..., :length, :], want.keys[..., :length, :]
+            assert mx.allclose(got, expected, atol=1e-4), event.result.finish_reason
