@@ -360,9 +360,9 @@ def counter(total: int, progress: Callable[[int, int], None] | None) -> Callable
     """``advance(amount)`` that reports the running sum out of ``total``."""
     done = 0
 
-    def advance(positions: int) -> None:
+    def advance(amount: int) -> None:
         nonlocal done
-        done += positions
+        done += amount
         if progress is not None:
             progress(done, total)
 
