@@ -1,0 +1,245 @@
+"""Phi-4-reasoning-vision's processor: its chat template with the three reasoning modes, prompts
+with ``<image>`` tags (or ids with -200 placeholders) to ids whose image slots are expanded, and
+the NaFlex image preparation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from PIL import Image
+
+from ...processor import (
+    DEFAULT_MAX_PIXELS,
+    ImageInput,
+    PromptError,
+    checkpoint_stop_ids,
+    load_image,
+    load_tokenizer,
+)
+from .config import ModelConfig
+from .images import ImageProcessor
+from .model import expand_placeholders
+
+IMAGE_TAG = "<image>"
+THINK = "<think>"
+NO_THINK = "<|dummy_84|>"
+# What each reasoning mode appends to the generation prompt (the reference notebook's rule).
+THINKING_SUFFIX = {"on": THINK, "off": NO_THINK, "auto": ""}
+
+
+class _Generation(Extension):
+    """``{% generation %}...{% endgeneration %}`` (transformers' marker of assistant text),
+    rendered as its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> list[nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def render_template(template: str, messages: list[dict[str, str]], add_generation_prompt: bool):
+    """A chat template rendered as transformers renders it (trim_blocks, lstrip_blocks)."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation]
+    )
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt
+    )
+
+
+def message_text(content: Any) -> str:
+    """A message's content as text: a string as is; OpenAI-style parts joined, each image part
+    becoming ``<image>\\n``."""
+    if isinstance(content, str):
+        return content
+    text = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            text.append(part.get("text", ""))
+        elif kind in ("image", "image_url"):
+            text.append(IMAGE_TAG + "\n")
+        else:
+            raise PromptError(f"unknown message part {part!r}")
+    return "".join(text)
+
+
+class Processor:
+    """Prompts and images to ``input_ids`` (image k's slots as ``-(k + 1)``, one per patch) and
+    the tensors of the vision tower (``image_processor``'s output).
+
+    ``tokenizer`` is None for a checkpoint without tokenizer files: such a model takes prompts
+    as ids only.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_processor: ImageProcessor,
+        chat_template: str,
+        stop_ids: set[int],
+        max_positions: int | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.stop_ids = set(stop_ids)
+        self.max_positions = max_positions
+
+    @property
+    def vision(self) -> bool:
+        """Whether the model reads images (it does)."""
+        return True
+
+    def crops(self, num_crops: int | None) -> None:
+        """Images are sized by patch count here: ``num_crops`` must be None."""
+        if num_crops is not None:
+            raise ValueError("num_crops does not apply to Phi-4-reasoning-vision")
+
+    def load_images(self, images: Sequence[ImageInput], first: int = 0) -> list[Image.Image]:
+        """Decoded RGB images, numbered from ``first`` in errors."""
+        limit = self.image_processor.max_pixels
+        return [load_image(source, first + i, limit) for i, source in enumerate(images)]
+
+    def image_tokens(self, image: Image.Image, num_crops: int | None = None) -> int:
+        """Prompt slots of a loaded image (its patch count), from its size alone."""
+        self.crops(num_crops)
+        return self.image_processor.image_tokens(image)
+
+    def preprocess(
+        self, images: Sequence[ImageInput], num_crops: int | None = None
+    ) -> dict[str, mx.array]:
+        """The vision tower's tensors for ``images`` (``Model.encode`` takes them)."""
+        self.crops(num_crops)
+        return self.image_processor(list(images))
+
+    def check_length(self, length: int) -> None:
+        """Refuse a prompt of ``length`` positions that does not fit the model's context."""
+        if self.max_positions is not None and length > self.max_positions:
+            raise PromptError(
+                f"the prompt has {length:,} tokens, over the model's context of "
+                f"{self.max_positions:,} (use fewer or smaller images)"
+            )
+
+    def tokenize(self, prompt: str, num_tokens: Sequence[int]) -> list[int]:
+        """Prompt ids: the text between ``<image>`` tags tokenized chunk by chunk (a BOS only
+        at the start, as the reference does), the k-th tag as ``num_tokens[k]`` slots of
+        ``-(k + 1)``. A prompt longer than the model's context is refused."""
+        if self.tokenizer is None:
+            raise PromptError("this checkpoint has no tokenizer files: give the prompt as ids")
+        chunks = prompt.split(IMAGE_TAG)
+        if len(chunks) - 1 != len(num_tokens):
+            raise PromptError(
+                f"the prompt has {len(chunks) - 1} {IMAGE_TAG} tag(s) "
+                f"but {len(num_tokens)} image(s) were given"
+            )
+        pieces = [list(self.tokenizer.encode(chunk)) for chunk in chunks]
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is not None and pieces[0][:1] == [bos]:
+            pieces[1:] = [p[1:] if p[:1] == [bos] else p for p in pieces[1:]]
+        ids = pieces[0]
+        for k, piece in enumerate(pieces[1:]):
+            ids += [-(k + 1)] * num_tokens[k] + piece
+        self.check_length(len(ids))
+        return ids
+
+    def __call__(
+        self,
+        prompt: str,
+        images: Sequence[ImageInput] | ImageInput | None = None,
+        num_crops: int | None = None,
+    ) -> dict[str, mx.array]:
+        """Model inputs for a prompt (already in chat format) and the images its ``<image>``
+        tags place, in order. The prompt's length is checked before any pixel work."""
+        self.crops(num_crops)
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        loaded = self.load_images(images)
+        ids = self.tokenize(prompt, [self.image_processor.image_tokens(im) for im in loaded])
+        inputs = self.image_processor(loaded) if loaded else {}
+        return {"input_ids": mx.array([ids], dtype=mx.int32), **inputs}
+
+    def from_ids(
+        self, input_ids: Sequence[int], images: Sequence[ImageInput] | ImageInput | None = None
+    ) -> dict[str, mx.array]:
+        """Model inputs for prompt ids holding one -200 placeholder per image (as the
+        reference's processor makes them), or slots already expanded."""
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        inputs = self.image_processor(self.load_images(images)) if images else {}
+        counts = np.asarray(inputs["num_image_tokens"]).tolist() if images else []
+        ids = expand_placeholders(np.asarray(list(input_ids), dtype=np.int64), counts)
+        if not len(ids):
+            raise PromptError("the prompt is empty")
+        self.check_length(len(ids))
+        return {"input_ids": mx.array(ids[None], dtype=mx.int32), **inputs}
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        thinking: str = "auto",
+    ) -> str:
+        """The conversation in the model's chat format, its fixed system prompt first.
+
+        ``thinking`` picks the reasoning mode of the answer to come: "on" (the prompt ends with
+        ``<think>``: the model reasons, then answers), "off" (``<|dummy_84|>``: it answers
+        directly) or "auto" (nothing added: the model chooses). The template has no system
+        role: a system message's text goes before the next user message's, a blank line
+        between. Image parts become ``<image>\\n`` tags.
+        """
+        if thinking not in THINKING_SUFFIX:
+            raise ValueError(f"thinking must be one of on, off, auto; got {thinking!r}")
+        rendered: list[dict[str, str]] = []
+        system: list[str] = []
+        for message in messages:
+            role, text = message.get("role"), message_text(message.get("content", ""))
+            if role == "system":
+                system.append(text)
+                continue
+            if role not in ("user", "assistant"):
+                raise PromptError(f"unknown message role {role!r}")
+            if role == "user" and system:
+                text = "\n\n".join([*system, text])
+                system = []
+            rendered.append({"role": role, "content": text})
+        if system:
+            rendered.append({"role": "user", "content": "\n\n".join(system)})
+        prompt = render_template(self.chat_template, rendered, add_generation_prompt)
+        return prompt + THINKING_SUFFIX[thinking] if add_generation_prompt else prompt
+
+
+def load_processor(path: Path, config: ModelConfig) -> Processor:
+    """The processor of a Phi-4-reasoning-vision checkpoint folder: its tokenizer (when it has
+    ``tokenizer.json``), chat template, stop ids and the reference's NaFlex settings."""
+    path = Path(path)
+    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
+    template_file = path / "chat_template.jinja"
+    if template_file.is_file():
+        template = template_file.read_text(encoding="utf-8")
+    elif tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        template = tokenizer.chat_template
+    else:
+        raise ValueError(f"no chat_template.jinja in {path}")
+    stops = checkpoint_stop_ids(path, config.text.eos_token_id, tokenizer)
+    if tokenizer is not None:
+        tokenizer.eos_token_ids = stops
+    images = ImageProcessor(
+        patch_size=config.vision_config.patch_size,
+        min_num_patches=config.min_num_patches,
+        max_num_patches=config.max_num_patches,
+        max_pixels=DEFAULT_MAX_PIXELS,
+    )
+    return Processor(tokenizer, images, template, stops, config.text.max_position_embeddings)
