@@ -148,6 +148,45 @@ def test_prompt_tags_become_slots_and_agree_with_placeholder_ids(loaded):
         )
 
 
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<think>"]
+
+
+def byte_tokenizer_checkpoint(folder: Path) -> Path:
+    """The tiny checkpoint's configs beside a byte-level tokenizer (one id per byte, then the
+    chat's special tokens): a checkpoint folder whose processor has a real tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    for name in ("config.json", "generation_config.json", "chat_template.jinja"):
+        (folder / name).write_bytes((CHECKPOINT / name).read_bytes())
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings), encoding="utf-8")
+    return folder
+
+
+def test_processor_with_a_tokenizer(tmp_path):
+    from phi3v_mlx.models.phi4rv import load_processor
+
+    folder = byte_tokenizer_checkpoint(tmp_path)
+    processor = load_processor(folder, ModelConfig.from_file(folder))
+    special = dict(zip(SPECIAL_TOKENS, range(256, 256 + len(SPECIAL_TOKENS)), strict=True))
+    assert processor.stop_ids == {100265, special["<|im_end|>"], special["<|endoftext|>"]}
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    prompt = processor.apply_chat_template(messages, thinking="on")
+    inputs = processor(prompt, images=[open_image("c_second")])
+    ids = np.asarray(inputs["input_ids"])[0].tolist()
+    assert ids[0] == special["<|im_start|>"] and ids[-1] == special["<think>"]
+    image = ids.index(-1)
+    assert ids[image - 1] == special["<|im_sep|>"] and ids.count(-1) == 252
+    after = ids[image + 252 : image + 256]
+    assert processor.tokenizer.decode(after[:3]) == "\nHi" and after[3] == special["<|im_end|>"]
+
+
 def test_checkpoint_without_tokenizer_takes_ids_only(loaded):
     _, processor = loaded
     assert processor.tokenizer is None

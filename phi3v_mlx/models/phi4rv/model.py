@@ -47,17 +47,19 @@ def expand_placeholders(input_ids: Any, counts: list[int]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def image_grids(inputs: Mapping[str, Any]) -> list[tuple[int, int]]:
-    """Each image's patch grid (rows, columns), checked against the other inputs."""
+def image_grids(inputs: Mapping[str, Any], patch_dim: int) -> list[tuple[int, int]]:
+    """Each image's patch grid (rows, columns), checked against the other inputs (patches of
+    ``patch_dim`` values)."""
     if inputs.get("spatial_shapes") is None or inputs.get("pixel_values") is None:
         raise MediaError("image inputs need pixel_values and spatial_shapes")
     shapes = np.asarray(inputs["spatial_shapes"]).reshape(-1, 2)
     grids = [(int(r), int(c)) for r, c in shapes.tolist()]
     counts = [r * c for r, c in grids]
     pixels = inputs["pixel_values"]
-    if len(pixels.shape) != 3 or pixels.shape[0] != len(grids):
+    if len(pixels.shape) != 3 or pixels.shape[0] != len(grids) or pixels.shape[2] != patch_dim:
         raise MediaError(
-            f"pixel_values has shape {list(pixels.shape)}, want [{len(grids)}, patches, values]"
+            f"pixel_values has shape {list(pixels.shape)}, "
+            f"want [{len(grids)}, patches, {patch_dim}]"
         )
     if min(counts, default=1) < 1 or max(counts, default=0) > pixels.shape[1]:
         raise MediaError(f"spatial_shapes {shapes.tolist()} do not fit {pixels.shape[1]} rows")
@@ -118,7 +120,7 @@ class Model(DecoderModel):
         Images run through the tower in padded batches (each on its own grid, padding masked);
         ``between_batches()`` is called after each evaluated batch.
         """
-        grids = image_grids(inputs)
+        grids = image_grids(inputs, self.config.vision_config.patch_dim)
         pixels = inputs["pixel_values"]
         dtype = self.vision.embeddings.patch_embedding.bias.dtype
         features: list[mx.array] = []
