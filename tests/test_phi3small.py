@@ -1,15 +1,22 @@
 """Phi-3-small: the tiny checkpoint against the official code's goldens, the block-sparse pattern,
 chunked and cached attention against dense references."""
 
+import base64
 import json
+import shutil
+import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.models.cache import BatchKVCache, QuantizedKVCache
 
+import phi3v_mlx
+from phi3v_mlx.cache import RopeState
 from phi3v_mlx.config import ConfigError
-from phi3v_mlx.models.phi3small import Model, ModelConfig
+from phi3v_mlx.models.phi3small import Model, ModelConfig, load_processor
 from phi3v_mlx.models.phi3small.sparse import SparsePattern, block_sparse_attention
+from phi3v_mlx.models.phi3small.tokenizer import RANKS_FILE, TokenizerError
 from tests.conftest import TEXT
 
 FOLDER = TEXT / "models" / "tiny-phi3-small"
@@ -179,3 +186,113 @@ def test_refusals_are_one_line():
         ModelConfig.from_dict({**values, "model_type": "phi3"})
     with pytest.raises(ValueError, match="max_kv_size"):
         random_model().make_cache(max_kv_size=128)
+
+
+def test_batch_step_matches_solo_forwards():
+    model = random_model(blocksparse_block_size=16, blocksparse_num_local_blocks=3)
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(0, 100, n).astype(np.int32) for n in (120, 75)]
+    caches = []
+    for ids in rows:
+        cache = model.make_cache()
+        model.hidden(model.embed_tokens(mx.array(ids[None])), cache)
+        caches.append(cache)
+    batch = [BatchKVCache.merge([c[i] for c in caches]) for i in range(len(model.layers))]
+    batch.append(RopeState.merge([c.rope for c in caches]))
+    step = mx.array([[7], [11]])
+    logits = np.array(model.language.batch_logits(model.embed_tokens(step), batch))
+    for row, ids in enumerate(rows):
+        solo = model(mx.array(np.append(ids, step[row, 0].item())[None]))[0, -1]
+        np.testing.assert_allclose(logits[row, 0], np.array(solo), atol=1e-5)
+
+
+def test_quantized_kv_cache_is_refused():
+    model = random_model()
+    cache = model.make_cache()
+    cache[0] = QuantizedKVCache(group_size=16, bits=8)
+    with pytest.raises(ValueError, match="quantized KV cache"):
+        model(mx.array([[1, 2, 3]]), cache=cache)
+
+
+CASE_B_MESSAGES = [
+    {"role": "system", "content": "You are a careful assistant who answers briefly."},
+    {
+        "role": "user",
+        "content": "Explain in two or three simple sentences why the sky looks blue during a "
+        "clear day but turns red and orange at sunset.",
+    },
+]
+CASE_A_MESSAGES = [
+    {"role": "user", "content": "What is the capital of France? Answer in one word."}
+]
+
+
+@pytest.fixture(scope="module")
+def loaded_tiny():
+    return phi3v_mlx.load(FOLDER, dtype="float32")
+
+
+@pytest.mark.parametrize("name, messages", [("a", CASE_A_MESSAGES), ("b", CASE_B_MESSAGES)])
+def test_chat_template_and_tokenizer_give_the_official_ids(loaded_tiny, name, messages):
+    _, processor = loaded_tiny
+    text = processor.apply_chat_template(messages)
+    ids = processor(text)["input_ids"]
+    assert np.array(ids).tolist() == case(name)[0].tolist()
+    assert processor.tokenizer.decode(np.array(ids)[0].tolist()) == text
+
+
+def test_stop_ids_and_streamed_text(loaded_tiny):
+    _, processor = loaded_tiny
+    assert processor.stop_ids == {100257, 100266}  # <|endoftext|>, <|end|>
+    tokenizer = processor.tokenizer
+    text = "Grüße, 世界 😀\n  code: x = [1, 2]"
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    for token in tokenizer.encode(text):
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    assert detokenizer.text == text
+    assert tokenizer.encode("<|user|><|end|>") == [100262, 100266]
+
+
+def test_generate_from_ids_and_from_text(loaded_tiny):
+    model, processor = loaded_tiny
+    ids, gold = case("a")
+    want = gold["greedy_tokens"][:8].tolist()
+    by_ids = phi3v_mlx.generate(
+        model, processor, input_ids=ids[0].tolist(), max_tokens=8, temperature=0.0
+    )
+    assert list(by_ids.tokens) == want
+    text = processor.apply_chat_template(CASE_A_MESSAGES)
+    by_text = phi3v_mlx.generate(model, processor, text, max_tokens=8, temperature=0.0)
+    assert list(by_text.tokens) == want
+
+
+def write_ranks(path, ranks):
+    lines = (f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items())
+    path.write_text("".join(lines))
+
+
+def test_ranks_file_of_the_checkpoint_is_read(loaded_tiny, tmp_path):
+    ranks = loaded_tiny[1].tokenizer.ranks
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(FOLDER / name, tmp_path / name)
+    template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    write_ranks(tmp_path / RANKS_FILE, ranks)
+    config = ModelConfig.from_file(tmp_path)
+    processor = load_processor(tmp_path, config)
+    assert processor.tokenizer.encode("hello world") == [15339, 1917]
+    assert processor.apply_chat_template(CASE_A_MESSAGES) == f"[{CASE_A_MESSAGES[0]['content']}]"
+    write_ranks(tmp_path / RANKS_FILE, dict(list(ranks.items())[:1000]))
+    with pytest.raises(TokenizerError, match="not cl100k_base"):
+        load_processor(tmp_path, config)
+    (tmp_path / RANKS_FILE).write_text("IQ== 0\nnot a rank line at all\n")
+    with pytest.raises(TokenizerError, match="line 2"):
+        load_processor(tmp_path, config)
+
+
+def test_missing_tiktoken_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    with pytest.raises(TokenizerError, match=r"pip install 'phi3v-mlx\[phi3small\]'"):
+        load_processor(FOLDER, ModelConfig.from_file(FOLDER))

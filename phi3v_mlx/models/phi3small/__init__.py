@@ -2,5 +2,6 @@
 
 from .config import ModelConfig
 from .model import Model
+from .tokenizer import load_processor
 
-__all__ = ["Model", "ModelConfig"]
+__all__ = ["Model", "ModelConfig", "load_processor"]

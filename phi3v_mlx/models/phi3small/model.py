@@ -7,7 +7,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from mlx_lm.models.phi3small import gegelu
 
 from ...cache import PromptCache, RopeState
@@ -59,6 +59,8 @@ class Attention(nn.Module):
         k = groups[..., -2, :].transpose(0, 2, 1, 3)
         v = groups[..., -1, :].transpose(0, 2, 1, 3)
         q, k = self.rotate(q, offset), self.rotate(k, offset)
+        if isinstance(cache, QuantizedKVCache):
+            raise ValueError("Phi-3-small's attention does not read a quantized KV cache (kv_bits)")
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if masks is not None:
