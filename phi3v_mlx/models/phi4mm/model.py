@@ -1,0 +1,242 @@
+"""Phi-4-multimodal: the SigLIP image path and the conformer audio path filling their prompt
+slots, the Phi-4-mini decoder, and the mixture of LoRAs switched by the modalities of the input
+exactly as the reference is driven (none for text, vision for images with or without audio,
+speech for audio alone), on every position of the sequence."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from ...cache import PromptCache, RopeState
+from ..base import DecoderModel
+from ..phi3 import LanguageModel as Phi3LanguageModel
+from . import conformer
+from .adapters import ADAPTERS, attach, using
+from .config import ModelConfig
+from .conformer import AudioEmbedding
+from .vision import ImageEmbedding
+
+IMAGE_PREFIX = "model.embed_tokens_extend.image_embed."
+OWN_PREFIXES = ("language.", "image_embed.", "audio_embed.")
+# Remote-code names of the image embedding -> native names.
+IMAGE_RENAMES = (
+    ("glb_GN", "global_img_feature_extensor"),
+    ("sub_GN", "sub_img_feature_extensor"),
+    ("img_projection.0.", "img_projection_up."),
+    ("img_projection.2.", "img_projection_down."),
+)
+# Tensors the model has no use for: buffers, and the parts of SigLIP whose outputs the reference
+# computes but never reads (final norm, pooling head).
+UNUSED_TENSORS = re.compile(
+    r"\.position_ids$|\.rotary_emb\.inv_freq$|img_processor\.(post_layernorm|head)\."
+)
+ADAPTED = re.compile(
+    r"^(layers\.\d+\.(?:self_attn\.(?:qkv|o)_proj|mlp\.(?:gate_up|down)_proj)\.)(base_layer\.)?(.*)$"
+)
+SIGLIP_LAYER = re.compile(r"^img_processor\.encoder\.layers\.(\d+)\.")
+
+
+class LanguageModel(Phi3LanguageModel):
+    """The Phi-4-mini decoder; a forward over a sequence's cache runs the adapter recorded on
+    the cache (``adapter``), a batch step the adapter of each row."""
+
+    def hidden(self, embeddings: mx.array, cache: PromptCache | None = None) -> mx.array:
+        key = getattr(cache, "adapter", None)
+        if key is None:
+            return super().hidden(embeddings, cache)
+        with using(key):
+            return super().hidden(embeddings, cache)
+
+    def batch_logits(self, embeddings: mx.array, cache: list[Any]) -> mx.array:
+        rows = tuple(getattr(state, "adapter", None) for state in cache[-1].states)
+        with using(rows if any(rows) else None):
+            return super().batch_logits(embeddings, cache)
+
+    def _recompute_keys(self, row: int, layers: list[Any], rope: RopeState, long: bool) -> None:
+        with using(getattr(rope, "adapter", None)):
+            super()._recompute_keys(row, layers, rope, long)
+
+
+def to_slots(ids: np.ndarray, token: int, counts: list[int], first: int, what: str) -> None:
+    """Replace, in place, the placeholder ids ``token`` of a prompt whose runs are already
+    expanded by the slots of items ``first``.. (``-(first + k + 1)`` for the k-th, taking
+    ``counts[k]`` positions in order)."""
+    positions = np.flatnonzero(ids == token)
+    if len(positions) != sum(counts):
+        raise ValueError(
+            f"the prompt has {len(positions)} {what} placeholder tokens ({token}) but the "
+            f"{len(counts)} {what}(s) given fill {sum(counts)}"
+        )
+    ids[positions] = np.repeat(-(first + 1 + np.arange(len(counts))), counts)
+
+
+def _given(inputs: Mapping[str, Any], key: str) -> bool:
+    return inputs.get(key) is not None
+
+
+class Model(DecoderModel):
+    """``model(input_ids=..., pixel_values=..., image_sizes=..., image_attention_mask=...,
+    audio_features=..., audio_embed_sizes=..., audio_attention_mask=...)`` returns logits
+    [1, T, vocab]; image and audio placeholders (ids 200010 and 200011, runs already expanded)
+    or slot ids (``-(k + 1)`` for media item k: images first, then audios) mark the positions
+    their embeddings fill."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.language = LanguageModel(config)
+        self.image_embed = ImageEmbedding(config)
+        if config.audio_config is not None:
+            self.audio_embed = AudioEmbedding(config.audio_config, config.hidden_size)
+        attach(self.language.layers, self.adapter_configs)
+
+    @property
+    def adapter_configs(self) -> dict[str, Any]:
+        """The modality adapters of this checkpoint by name ("vision", "speech")."""
+        adapters = ((name, getattr(self.config, f"{name}_lora")) for name in ADAPTERS)
+        return {name: adapter for name, adapter in adapters if adapter is not None}
+
+    def adapter_key(self, inputs: Mapping[str, Any]) -> str | None:
+        """The adapter a sequence with these media runs, as the reference is driven: vision
+        with images (audio or not), speech with audio alone, none for text."""
+        if _given(inputs, "pixel_values"):
+            key = "vision"
+        elif _given(inputs, "audio_features"):
+            key = "speech"
+        else:
+            return None
+        return key if key in self.adapter_configs else None
+
+    def encode(
+        self, inputs: Mapping[str, Any], between_batches: Callable[[], None] | None = None
+    ) -> list[mx.array]:
+        """Per media item, the embeddings that fill its slots: the images, then the audios
+        (projected by the vision-speech pair when images are given too)."""
+        features: list[mx.array] = []
+        images = _given(inputs, "pixel_values")
+        if images:
+            if not _given(inputs, "image_sizes"):
+                raise ValueError("pixel_values given without image_sizes")
+            mask = inputs.get("image_attention_mask")
+            features += self.image_embed(
+                mx.array(inputs["pixel_values"]),
+                np.asarray(inputs["image_sizes"]),
+                None if mask is None else np.asarray(mask),
+                between_batches,
+            )
+        if _given(inputs, "audio_features"):
+            if "audio_embed" not in self:
+                raise ValueError("this checkpoint has no audio encoder: it reads no audio")
+            if not _given(inputs, "audio_embed_sizes"):
+                raise ValueError("audio_features given without audio_embed_sizes")
+            progress = None if between_batches is None else lambda done, total: between_batches()
+            features += self.audio_embed(
+                mx.array(inputs["audio_features"]),
+                inputs["audio_embed_sizes"],
+                inputs.get("audio_attention_mask"),
+                vision=images,
+                progress=progress,
+            )
+        return features
+
+    def embed(self, input_ids: Any, **inputs: Any) -> mx.array:
+        """Input embeddings [1, T, hidden] of a prompt (placeholder or slot ids) and its media."""
+        ids = np.array(input_ids, dtype=np.int64).reshape(-1)
+        features = self.encode(inputs)
+        images = 0
+        if _given(inputs, "pixel_values"):
+            images = np.asarray(inputs["image_sizes"]).reshape(-1, 2).shape[0]
+        image_id = self.config.image_token_id
+        audio_id = self.config.audio_config.audio_token_id if "audio_embed" in self else None
+        if image_id in ids:
+            to_slots(ids, image_id, [len(f) for f in features[:images]], 0, "image")
+        if audio_id is not None and audio_id in ids:
+            to_slots(ids, audio_id, [len(f) for f in features[images:]], images, "audio")
+        return self.merge(mx.array(ids[None]), features)
+
+    def __call__(
+        self,
+        input_ids: Any = None,
+        cache: PromptCache | None = None,
+        input_embeddings: mx.array | None = None,
+        **inputs: Any,
+    ) -> mx.array:
+        """Logits [1, T, vocab] of a prompt (ids and media, or its input embeddings), run with
+        the adapter its media select (a cache keeps the adapter its sequence started with)."""
+        key = self.adapter_key(inputs)
+        if input_embeddings is None:
+            input_embeddings = self.embed(input_ids, **inputs)
+        if cache is not None and key is not None:
+            held = getattr(cache, "adapter", None)
+            if cache.offset and held != key:
+                raise ValueError(
+                    f"this cache holds a sequence read with adapter {held!r}; "
+                    f"its media need {key!r}"
+                )
+            cache.adapter = key
+        with using(key):
+            return self.language(input_embeddings, cache)
+
+    def internal_name(self, name: str) -> str | None:
+        """This model's name of a checkpoint tensor (or, with a trailing dot, a module) of
+        either layout, None for a tensor it does not use."""
+        if name.startswith(OWN_PREFIXES):
+            return name
+        if name.startswith(IMAGE_PREFIX):
+            rest = name[len(IMAGE_PREFIX) :]
+            for old, new in IMAGE_RENAMES:
+                if rest.startswith(old):
+                    rest = new + rest[len(old) :]
+            layer = SIGLIP_LAYER.match(rest)
+            if layer and int(layer.group(1)) >= self.config.vision_config.layers_used:
+                return None
+            return "image_embed." + rest
+        if name.startswith("model."):
+            rest = name[len("model.") :]
+            adapted = ADAPTED.match(rest)
+            if adapted:
+                head, _, tail = adapted.groups()
+                base = "base_layer." if self.adapter_configs else ""
+                rest = head + (tail if tail.startswith("lora_") else base + tail)
+            return "language." + rest
+        if name.startswith("lm_head."):
+            return None if self.config.tie_word_embeddings else "language." + name
+        return name
+
+    def official_name(self, name: str) -> str:
+        """The checkpoint name this package writes for one of its tensors: the native layout,
+        adapters inside the decoder as the remote code names them."""
+        if name.startswith("image_embed."):
+            return IMAGE_PREFIX + name[len("image_embed.") :]
+        if name.startswith("audio_embed."):
+            return conformer.CHECKPOINT_PREFIX + name[len("audio_embed.") :]
+        if name.startswith("language.lm_head."):
+            return name[len("language.") :]
+        if name.startswith("language."):
+            return "model." + name[len("language.") :]
+        return name
+
+    def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+        """Tensors of a checkpoint (native, remote-code or this package's names, adapters from
+        the PEFT folders under remote-code names) under this model's names and layouts; tensors
+        the model never uses are left out."""
+        out = {}
+        if "audio_embed" in self:
+            audio = conformer.sanitize(weights)
+            out.update({"audio_embed." + name: value for name, value in audio.items()})
+        channels = self.config.vision_config.num_channels
+        for name, value in weights.items():
+            if name.startswith(conformer.CHECKPOINT_PREFIX) or UNUSED_TENSORS.search(name):
+                continue
+            new = self.internal_name(name)
+            if new is None:
+                continue
+            if new.endswith("patch_embedding.weight") and value.shape[1] == channels:
+                value = value.transpose(0, 2, 3, 1)  # PyTorch OIHW -> MLX OHWI
+            out[new] = value
+        return out
