@@ -1,10 +1,9 @@
-"""Phi-3-Vision and Phi-3.5-Vision in MLX."""
+"""Microsoft's Phi multimodal family in MLX."""
 
 from .batch import BatchEngine, Request, batch_generate, stream_batch_generate
-from .config import ModelConfig
 from .generate import GenerationChunk, GenerationResult, generate, stream_generate
 from .loader import load
-from .model import Model
+from .models.base import DecoderModel
 from .processor import Processor
 from .session import ChatSession
 
@@ -13,8 +12,7 @@ __all__ = [
     "ChatSession",
     "GenerationChunk",
     "GenerationResult",
-    "Model",
-    "ModelConfig",
+    "DecoderModel",
     "Processor",
     "Request",
     "batch_generate",

@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator, generation_stream
 
+from .cache import PromptCache
 from .generate import (
     AnswerText,
     GenerationResult,
@@ -27,9 +28,8 @@ from .generate import (
     make_sampler,
     read_prompt,
 )
-from .language import PromptCache, RopeState, Rotation
 from .memory import PeakMemory, wired_limit
-from .model import Model, image_slots
+from .models.base import DecoderModel, media_slots
 from .processor import ImageInput, Processor
 
 
@@ -83,53 +83,13 @@ class RowEvent:
 
 class BatchStep:
     """What mlx-lm's ``BatchGenerator`` calls: each row's last token [B, 1] and the batch cache
-    (per-layer ``BatchKVCache``, then :class:`RopeRows`).
+    (per-layer ``BatchKVCache``, then the rows' :class:`RopeRows`)."""
 
-    Every row is rotated with its own factor set, chosen from its own length as a solo generation
-    would; a row whose length crosses the rope threshold has its cached keys recomputed with the
-    other factors first, exactly as a solo cache is rebuilt.
-    """
-
-    def __init__(self, model: Model):
+    def __init__(self, model: DecoderModel):
         self.model = model
 
     def __call__(self, inputs: mx.array, cache: list[Any]) -> mx.array:
-        language = self.model.language
-        *layers, ropes = cache
-        embeddings = language.embed(inputs)
-        lengths = [rope.length + inputs.shape[1] for rope in ropes.states]
-        rotations = [language.rope.rotation(n) for n in lengths]
-        for row, (rope, rotation) in enumerate(zip(ropes.states, rotations, strict=True)):
-            if rope.length and rotation.long != rope.long:
-                self._recompute_keys(row, layers, rope, rotation.long)
-        for row, rope in enumerate(ropes.states):
-            rope.append(embeddings[row : row + 1])
-        rotation = _batch_rotation(rotations)
-        h = language.run(embeddings, layers, layers[0].offset, rotation)
-        return language.lm_head(h[:, -1:])
-
-    def _recompute_keys(self, row: int, layers: list[Any], rope: RopeState, long: bool) -> None:
-        """Rewrite one row's cached keys and values with the ``long`` factor set."""
-        language = self.model.language
-        solo = language.make_cache()
-        solo.rope.expected = rope.length + 1 if long else 0
-        language.hidden(rope.inputs.astype(language.embed_tokens.weight.dtype), solo)
-        start = int(layers[0].left_padding[row].item())
-        end = start + rope.length
-        for layer, computed in zip(layers, solo, strict=True):
-            keys, values = computed.keys_and_values()
-            layer.keys[row : row + 1, :, start:end] = keys.astype(layer.keys.dtype)
-            layer.values[row : row + 1, :, start:end] = values.astype(layer.values.dtype)
-        rope.long = long
-
-
-def _batch_rotation(rotations: list[Rotation]) -> Rotation:
-    """One rotation for a batch: shared values as such, differing ones one per row."""
-    longs = {r.long for r in rotations}
-    scales = {r.mscale for r in rotations}
-    long = longs.pop() if len(longs) == 1 else mx.array([r.long for r in rotations])
-    mscale = scales.pop() if len(scales) == 1 else mx.array([r.mscale for r in rotations])
-    return Rotation(long, mscale)
+        return self.model.batch_logits(self.model.embed_tokens(inputs), cache)
 
 
 class StopStrings:
@@ -237,7 +197,7 @@ class BatchEngine:
 
     def __init__(
         self,
-        model: Model,
+        model: DecoderModel,
         processor: Processor,
         *,
         batch_size: int = 8,
@@ -404,7 +364,7 @@ class BatchEngine:
         """Fill the row's image features from the feature store; the images it still needs
         encoded (an image whose slots all lie in the reused prefix is not needed)."""
         row.features = [None] * len(images)
-        needed = {k for begin, length, k in image_slots(np.asarray(row.ids))
+        needed = {k for begin, length, k in media_slots(np.asarray(row.ids))
                   if begin + length > row.prefix}  # fmt: skip
         missing = []
         for k in sorted(needed):
@@ -427,7 +387,7 @@ class BatchEngine:
             self._finish(row, "length", events)
             return
         tail = row.embeddings[:, row.done :]
-        logits = self.model.language(tail, row.cache, last_only=True)[:, -1, :]
+        logits = self.model.logits(self.model.hidden(tail, row.cache)[:, -1:])[:, -1, :]
         read = row.ids[row.prefix :]
         self.stats.prompt_tokens += len(read)
         row.processors = make_logits_processors(row.options, before=read[: row.done])
@@ -512,7 +472,7 @@ class BatchEngine:
 
 
 def stream_batch_generate(
-    model: Model,
+    model: DecoderModel,
     processor: Processor,
     requests: Iterable[RequestLike],
     *,
@@ -544,7 +504,7 @@ def stream_batch_generate(
 
 
 def batch_generate(
-    model: Model,
+    model: DecoderModel,
     processor: Processor,
     requests: Iterable[RequestLike],
     *,

@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from .batch import BatchEngine, Request, RowEvent
 from .generate import GenerationResult, SamplingOptions
-from .model import Model
+from .models.base import DecoderModel
 from .processor import IMAGE_TAG, Processor
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -220,7 +220,7 @@ class Tally:
 
 
 def run(
-    model_loader: Callable[[bool], tuple[Model, Processor]],
+    model_loader: Callable[[bool], tuple[DecoderModel, Processor]],
     items: list[Item],
     output: Path,
     *,

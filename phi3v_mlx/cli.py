@@ -17,7 +17,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from . import __version__  # noqa: E402
 from .backend import cpu_advice  # noqa: E402
-from .config import ModelConfig  # noqa: E402
 from .generate import (  # noqa: E402
     GenerationChunk,
     GenerationResult,
@@ -26,8 +25,8 @@ from .generate import (  # noqa: E402
     stream_generate,
     summary,
 )
-from .loader import float_dtype, load_model, load_processor, resolve  # noqa: E402
-from .model import Model  # noqa: E402
+from .loader import float_dtype, load_model, load_processor, model_config, resolve  # noqa: E402
+from .models.base import DecoderModel  # noqa: E402
 from .processor import IMAGE_TAG, Processor, load_image  # noqa: E402
 from .session import ChatSession  # noqa: E402
 
@@ -201,14 +200,14 @@ def _processor(
     path = resolve(model)
     processor = load_processor(path)
     processor.crops(num_crops)
-    config = ModelConfig.from_file(path)
+    config = model_config(path)
     note = cpu_advice(config.torch_dtype, bool(config.quantization), dtype)
     if note and not quiet:
         typer.echo(note, err=True)
     return path, processor
 
 
-def _weights(path: Path, dtype: str | None, adapter_path: Path | None = None) -> Model:
+def _weights(path: Path, dtype: str | None, adapter_path: Path | None = None) -> DecoderModel:
     """The model's weights, with a fine-tuned adapter on them if given."""
     with _bars() as bar:
         model = load_model(path, dtype, progress=bar("Loading weights"))
@@ -422,7 +421,7 @@ def batch(
     if output.is_dir():
         raise ValueError(f"--output {output} is a folder")
 
-    def load(first: bool) -> tuple[Model, Processor]:
+    def load(first: bool) -> tuple[DecoderModel, Processor]:
         path, processor = _processor(model, dtype, num_crops, quiet=not first)
         return _weights(path, dtype, adapter_path), processor
 

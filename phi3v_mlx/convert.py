@@ -22,16 +22,17 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import dequantize_model
 
-from .config import ModelConfig
 from .loader import (
     DTYPES,
     check_weights,
     load_processor,
+    model_config,
     read_weights,
     resolve,
     weight_files,
 )
-from .model import Model, conv_layout, module_names, official_name, stack_experts
+from .models import architecture
+from .models.base import DecoderModel, module_names
 
 Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
@@ -64,15 +65,13 @@ class ConvertError(ValueError):
     """A conversion that cannot be done."""
 
 
-def source_weights(path: Path, config: dict[str, Any], skeleton: Model) -> dict[str, mx.array]:
+def source_weights(
+    path: Path, config: dict[str, Any], skeleton: DecoderModel
+) -> dict[str, mx.array]:
     """Every tensor of the source under its official name, dequantized, the patch convolution in
     MLX's layout, checked against the model and still unread."""
-    channels = skeleton.config.vision_config.num_channels
-    weights = stack_experts({
-        official_name(name): conv_layout(value, channels) if "patch_embedding" in name else value
-        for name, value in read_weights(weight_files(path)).items()
-    })  # fmt: skip
-    quantization = module_names(config.get("quantization") or {}, official_name)
+    weights = skeleton.official_weights(read_weights(weight_files(path)))
+    quantization = module_names(config.get("quantization") or {}, skeleton.official_name)
     for name in [n for n in weights if n.endswith(".scales")]:
         base = name[: -len(".scales")]
         own = quantization.get(base)
@@ -94,7 +93,7 @@ def _any_layer(path: str) -> str:
     return re.sub(r"\.layers\.\d+\.", ".layers.*.", path)
 
 
-def quantizable(skeleton: Model, quantize_vision: bool) -> dict[str, int]:
+def quantizable(skeleton: DecoderModel, quantize_vision: bool) -> dict[str, int]:
     """Official paths (layer index ``*``) of the modules to quantize and their input widths: the
     decoder's linear layers (experts included), token embeddings and LM head, and with
     ``quantize_vision`` the CLIP and projector linear layers. Never CLIP's position table or patch
@@ -106,7 +105,7 @@ def quantizable(skeleton: Model, quantize_vision: bool) -> dict[str, int]:
             continue
         linear = isinstance(module, (nn.Linear, SwitchLinear))
         if linear or (isinstance(module, nn.Embedding) and not vision):
-            paths[_any_layer(official_name(f"{path}.")[:-1])] = module.weight.shape[-1]
+            paths[_any_layer(skeleton.official_name(f"{path}.")[:-1])] = module.weight.shape[-1]
     return paths
 
 
@@ -298,7 +297,7 @@ def calibration_inputs(processor: Any) -> list[dict[str, Any]]:
     return inputs
 
 
-ModelLoader = Callable[[str | None], Model]  # the model, computing in the given dtype
+ModelLoader = Callable[[str | None], DecoderModel]  # the model, computing in the given dtype
 
 
 def calibration_log_probs(
@@ -325,13 +324,13 @@ def calibration_log_probs(
         cache.rope.expected = total
         scored = []
         for start in range(0, total, step):
-            h = model.language.hidden(embeddings[:, start : start + step], cache)
+            h = model.hidden(embeddings[:, start : start + step], cache)
             skip = max(total - SCORED_POSITIONS - start, 0)
             if skip < h.shape[1]:
                 scored.append(h[:, skip:])
             mx.eval(scored, [layer.state for layer in cache])
             advance(h.shape[1])
-        logits = model.language.lm_head(mx.concatenate(scored, axis=1)).astype(mx.float32)
+        logits = model.logits(mx.concatenate(scored, axis=1)).astype(mx.float32)
         out.append(np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0])
     del model
     mx.clear_cache()
@@ -492,7 +491,8 @@ def convert(
         raise ConvertError("--mlx-path must differ from the source folder")
     _check_target(target, force)
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    skeleton = Model(ModelConfig.from_file(source))
+    skeleton_config = model_config(source)
+    skeleton = architecture(skeleton_config.model_type).Model(skeleton_config)
     if config.get("quantization") and not (quantize or dequantize):
         raise ConvertError(
             f"{source} is quantized: pass --dequantize (or --quantize to requantize)"

@@ -14,13 +14,11 @@ from mlx_lm.generate import generate_step, generation_stream, maybe_quantize_kv_
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
 from mlx_lm.sample_utils import make_logits_processors as mlx_logits_processors
 
-from .language import PromptCache
+from .cache import PromptCache
 from .memory import PeakMemory, wired_limit
-from .model import Model
+from .models.base import DecoderModel
 from .processor import ImageInput, Processor
 
-# <|end|>, <|endoftext|> and </s>: Phi-3 chat models end a turn with any of them.
-STOP_TOKENS = (32007, 32000, 2)
 Progress = Callable[[int, int], None]
 
 
@@ -151,7 +149,7 @@ def make_logits_processors(
     return [with_head(process) for process in processors]
 
 
-def kv_group_size(model: Model) -> int:
+def kv_group_size(model: DecoderModel) -> int:
     """The largest KV-cache quantization group that divides the head size."""
     for size in (128, 64, 32):
         if model.config.head_dim % size == 0:
@@ -161,18 +159,13 @@ def kv_group_size(model: Model) -> int:
     )
 
 
-def stop_token_ids(processor: Processor) -> set[int]:
-    """Ids that end an answer: the Phi-3 turn ends and the checkpoint's configured eos."""
-    return {*STOP_TOKENS, *processor.tokenizer.eos_token_ids}
-
-
 class AnswerText:
     """Generated ids to the answer's text: stop ids end it, special ids are never shown, and
     UTF-8 is streamed whole (mlx-lm's streaming detokenizer)."""
 
     def __init__(self, processor: Processor):
         tokenizer = processor.tokenizer
-        self.stops = stop_token_ids(processor)
+        self.stops = processor.stop_ids
         special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         self.hidden = special | set(tokenizer.all_special_ids) | self.stops
         self.vocab = len(tokenizer)
@@ -191,7 +184,7 @@ class AnswerText:
 
 
 def read_prompt(
-    model: Model, embeddings: mx.array, cache: PromptCache, options: SamplingOptions
+    model: DecoderModel, embeddings: mx.array, cache: PromptCache, options: SamplingOptions
 ) -> Iterator[int]:
     """Feed the prompt positions ``embeddings`` [1, T, hidden] into ``cache`` one evaluated chunk
     at a time, all but the last chunk (at most ``prefill_step_size`` positions, ending with the
@@ -202,7 +195,7 @@ def read_prompt(
     step = options.prefill_step_size
     done = 0
     while total - done > step:
-        model.language.hidden(embeddings[:, done : done + step], cache)
+        model.hidden(embeddings[:, done : done + step], cache)
         if options.kv_bits:
             maybe_quantize_kv_cache(cache, 0, kv_group_size(model), options.kv_bits)
         mx.eval([layer.state for layer in cache])
@@ -221,7 +214,7 @@ class StepModel:
     the previous token and mlx-lm's asynchronous pipeline stays busy.
     """
 
-    def __init__(self, model: Model, prompt_length: int):
+    def __init__(self, model: DecoderModel, prompt_length: int):
         self.model = model
         self.unfed = prompt_length
         self.waiting: mx.array | None = None
@@ -232,9 +225,8 @@ class StepModel:
         cache: PromptCache | None = None,
         input_embeddings: mx.array | None = None,
     ) -> mx.array | None:
-        language = self.model.language
         if input_embeddings is None:
-            input_embeddings = language.embed(inputs)
+            input_embeddings = self.model.embed_tokens(inputs)
         self.unfed -= input_embeddings.shape[1]
         if self.unfed == 1:  # the positions just before the prompt's last one: hold them
             self.waiting = input_embeddings
@@ -242,11 +234,11 @@ class StepModel:
         if self.waiting is not None:
             input_embeddings = mx.concatenate([self.waiting, input_embeddings], axis=1)
             self.waiting = None
-        return language(input_embeddings, cache, last_only=True)
+        return self.model.logits(self.model.hidden(input_embeddings, cache)[:, -1:])
 
 
 def decode(
-    model: Model,
+    model: DecoderModel,
     processor: Processor,
     ids: Sequence[int],
     embeddings: mx.array,
@@ -323,7 +315,7 @@ def decode(
 
 
 def prepare(
-    model: Model,
+    model: DecoderModel,
     processor: Processor,
     prompt: str | Sequence[int],
     images: Sequence[ImageInput] | ImageInput | None,
@@ -351,17 +343,26 @@ def prepare(
     return ids, model.merge(mx.array([ids]), features)
 
 
+def prompt_or_ids(prompt: str | Sequence[int] | None, input_ids: Sequence[int] | None) -> Any:
+    """The prompt given either as ``prompt`` (text or ids) or as ``input_ids``, not both."""
+    if (prompt is None) == (input_ids is None):
+        raise ValueError("give the prompt either as text (or ids) or as input_ids, not both")
+    return prompt if input_ids is None else input_ids
+
+
 def stream_generate(
-    model: Model,
+    model: DecoderModel,
     processor: Processor,
-    prompt: str | Sequence[int],
+    prompt: str | Sequence[int] | None = None,
     images: Sequence[ImageInput] | ImageInput | None = None,
     num_crops: int | None = None,
     *,
+    input_ids: Sequence[int] | None = None,
     progress: Progress | None = None,
     **options: Any,
 ) -> Iterator[GenerationChunk]:
-    """Stream the answer to a prompt (a chat-formatted string or token ids), one chunk per step.
+    """Stream the answer to a prompt (a chat-formatted string, or token ids as ``prompt`` or
+    ``input_ids``: used as given, no template or BOS added), one chunk per step.
 
     ``options`` are :class:`SamplingOptions` fields (``max_tokens``, ``temperature``, ``top_p``,
     ``min_p``, ``top_k``, ``repetition_penalty``, ``seed``, ``kv_bits``, ``max_kv_size``,
@@ -369,6 +370,7 @@ def stream_generate(
     is ever part of it. ``progress(done, total)`` hears of the prompt being read, after each
     unit of work; an exception it raises stops the generation there.
     """
+    prompt = prompt_or_ids(prompt, input_ids)
     settings = SamplingOptions(**options)
     started = time.perf_counter()
     peak = PeakMemory()
@@ -418,18 +420,21 @@ def summary(result: GenerationResult) -> str:
 
 
 def generate(
-    model: Model,
+    model: DecoderModel,
     processor: Processor,
-    prompt: str | Sequence[int],
+    prompt: str | Sequence[int] | None = None,
     images: Sequence[ImageInput] | ImageInput | None = None,
     num_crops: int | None = None,
     *,
+    input_ids: Sequence[int] | None = None,
     verbose: bool = False,
     **options: Any,
 ) -> GenerationResult:
     """The whole answer to a prompt (``options`` as for :func:`stream_generate`); with
     ``verbose`` it is printed as it comes, then statistics."""
-    chunks = stream_generate(model, processor, prompt, images, num_crops, **options)
+    chunks = stream_generate(
+        model, processor, prompt, images, num_crops, input_ids=input_ids, **options
+    )
     result = collect(chunks, sys.stdout if verbose else None)
     if verbose:
         print("\n==========")

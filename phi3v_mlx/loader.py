@@ -1,4 +1,4 @@
-"""Load a Phi-3-Vision checkpoint (Hugging Face or MLX layout) lazily into a :class:`Model`."""
+"""Load a checkpoint of any architecture this package runs (Hugging Face or MLX layout), lazily."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
-from .model import Model, internal_name, module_names
+from .config import read_config
+from .models import architecture
+from .models.base import DecoderModel, module_names
 from .processor import Processor
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -132,22 +133,29 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], where: Path) -
             )
 
 
+def model_config(path: Path) -> Any:
+    """The config of a checkpoint folder, as its architecture reads it."""
+    values = read_config(path)
+    return architecture(values.get("model_type")).ModelConfig.from_dict(values)
+
+
 def load_model(
     path: Path,
     dtype: str | mx.Dtype | None = None,
     lazy: bool = False,
     progress: Callable[[int, int], None] | None = None,
-) -> Model:
+) -> DecoderModel:
     """The model of a local checkpoint folder, its weights cast to ``dtype`` if given.
 
     Unless ``lazy``, the weights are read now, one tensor at a time; ``progress(done, total)``
     hears of each in bytes.
     """
-    config = ModelConfig.from_file(path)
-    model = Model(config)
+    config = model_config(path)
+    model = architecture(config.model_type).Model(config)
     weights = model.sanitize(read_weights(weight_files(path)))
     if config.quantization:
-        quantize_like_checkpoint(model, module_names(config.quantization, internal_name), weights)
+        quantization = module_names(config.quantization, model.internal_name)
+        quantize_like_checkpoint(model, quantization, weights)
     check_weights(model, weights, path)
     if dtype is not None:
         target = float_dtype(dtype)
@@ -177,30 +185,13 @@ def float_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
     raise LoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} (or mx.float32 ...)")
 
 
-def load_tokenizer(path: Path, eos_token_ids: list[int]) -> Any:
-    """mlx-lm's tokenizer wrapper around the checkpoint's ``tokenizer.json``, no remote code."""
-    from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
-    from transformers.utils import logging as hf_logging
-
-    if not (path / "tokenizer.json").is_file():
-        raise LoadError(f"no tokenizer.json in {path}")
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return load_mlx_tokenizer(
-            path, tokenizer_config_extra={"trust_remote_code": False}, eos_token_ids=eos_token_ids
-        )
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def load(
     path_or_repo: str | Path,
     dtype: str | mx.Dtype | None = None,
     lazy: bool = False,
     progress: Callable[[int, int], None] | None = None,
     adapter_path: str | Path | None = None,
-) -> tuple[Model, Processor]:
+) -> tuple[DecoderModel, Processor]:
     """A model and its processor from a local folder or a Hugging Face Hub id.
 
     The checkpoint dtype is kept unless ``dtype`` ("float32", "float16", "bfloat16", or the
@@ -217,9 +208,9 @@ def load(
 
 
 def load_processor(path: Path) -> Processor:
-    """The processor of a local checkpoint folder (its tokenizer and image settings)."""
-    config = ModelConfig.from_file(path)
-    tokenizer = load_tokenizer(path, sorted({*config.eos_token_ids, 2, 32000, 32007}))
-    return Processor.from_folder(
-        path, tokenizer, config.max_position_embeddings, vision=config.has_vision
-    )
+    """The processor of a local checkpoint folder (its tokenizer, stop ids and media settings)."""
+    config = model_config(path)
+    try:
+        return architecture(config.model_type).load_processor(path, config)
+    except ValueError as e:
+        raise LoadError(str(e)) from None

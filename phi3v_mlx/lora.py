@@ -25,8 +25,7 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from .language import Rotation
-from .model import Model, internal_name, official_name
+from .models.base import DecoderModel
 from .processor import IMAGE_TAG, Processor
 from .session import image_digest
 
@@ -178,7 +177,7 @@ def load_dataset(
 
 
 def encode_dataset_images(
-    model: Model,
+    model: DecoderModel,
     processor: Processor,
     images: dict[tuple[str, int], Any],
     progress: Callable[[int, int], None] | None = None,
@@ -197,15 +196,15 @@ def encode_dataset_images(
 # ---------------------------------------------------------------- adapters
 
 
-def add_adapters(model: Model, settings: AdapterSettings) -> None:
+def add_adapters(model: DecoderModel, settings: AdapterSettings) -> None:
     """Freeze the model and put mlx-lm's LoRA (or DoRA) layers on the targets: modules of the
     decoder layers (``self_attn.qkv_proj``...) or whole-model ones by official name
     (``lm_head``). A quantized layer stays quantized under its adapter (QLoRA)."""
     targets = settings.targets or DEFAULT_TARGETS.get(
         model.config.model_type, DEFAULT_TARGETS["default"]
     )
-    in_layers = {path for path, _ in model.language.layers[0].named_modules() if path}
-    whole = {official_name(f"{path}."): path for path, _ in model.named_modules() if path}
+    in_layers = {path for path, _ in model.layers[0].named_modules() if path}
+    whole = {model.official_name(f"{path}."): path for path, _ in model.named_modules() if path}
     keys = []
     for target in targets:
         if target in in_layers:
@@ -243,39 +242,39 @@ def adapter_config(settings: AdapterSettings, **extra: Any) -> dict[str, Any]:
     }
 
 
-def save_adapter_weights(model: Model, file: Path, iteration: int) -> None:
+def save_adapter_weights(model: DecoderModel, file: Path, iteration: int) -> None:
     """The adapter's tensors under their official names (as mlx-lm names them for its own Phi-3
     models), with the iteration they were saved at; written whole or not at all."""
-    weights = {official_name(k): v for k, v in tree_flatten(model.trainable_parameters())}
+    weights = {model.official_name(k): v for k, v in tree_flatten(model.trainable_parameters())}
     partial = file.with_name(f".partial-{file.name}")
     mx.save_safetensors(str(partial), weights, {"iteration": str(iteration)})
     partial.replace(file)
 
 
-def load_adapter_weights(model: Model, file: Path) -> int:
+def load_adapter_weights(model: DecoderModel, file: Path) -> int:
     """Load adapter tensors into a model that has its adapter layers; returns the iteration
     they were saved at (0 if unknown)."""
     if not file.is_file():
         raise ValueError(f"no adapter weights at {file}")
     weights, metadata = mx.load(str(file), return_metadata=True)
     expected = dict(tree_flatten(model.trainable_parameters()))
-    named = {internal_name(k): v for k, v in weights.items()}
+    named = {model.internal_name(k): v for k, v in weights.items()}
     for name, value in named.items():
         if name not in expected:
-            raise ValueError(f"{file}: {official_name(name)} is not an adapter of this model")
+            raise ValueError(f"{file}: {model.official_name(name)} is not an adapter of this model")
         if value.shape != expected[name].shape:
             raise ValueError(
-                f"{file}: {official_name(name)} has shape {list(value.shape)}, the model's "
+                f"{file}: {model.official_name(name)} has shape {list(value.shape)}, the model's "
                 f"adapter has {list(expected[name].shape)}"
             )
     missing = sorted(set(expected) - set(named))
     if missing:
-        raise ValueError(f"{file} lacks {official_name(missing[0])}")
+        raise ValueError(f"{file} lacks {model.official_name(missing[0])}")
     model.load_weights(list(named.items()), strict=False)
     return int(metadata.get("iteration", 0))
 
 
-def load_adapter(model: Model, adapter_path: str | Path) -> AdapterSettings:
+def load_adapter(model: DecoderModel, adapter_path: str | Path) -> AdapterSettings:
     """Put the adapter saved in ``adapter_path`` on the model (see :func:`phi3v_mlx.load`)."""
     folder = Path(adapter_path).expanduser()
     config_file = folder / ADAPTER_CONFIG
@@ -304,10 +303,10 @@ def load_adapter(model: Model, adapter_path: str | Path) -> AdapterSettings:
 
 
 def _batch(
-    model: Model, examples: Sequence[Example], features: dict[tuple[str, int], mx.array]
-) -> tuple[mx.array, mx.array, mx.array, Rotation]:
+    model: DecoderModel, examples: Sequence[Example], features: dict[tuple[str, int], mx.array]
+) -> tuple[mx.array, mx.array, mx.array, list[int]]:
     """Input embeddings [B, T, hidden] (right-padded), targets [B, T-1], target mask, and each
-    row's rotation (from its own length, as a forward over that row alone would pick)."""
+    row's length."""
     width = max(len(e.ids) for e in examples)
     rows, targets, masks = [], [], []
     for example in examples:
@@ -319,48 +318,22 @@ def _batch(
         ids = np.maximum(np.asarray(example.ids + [0] * pad), 0)
         targets.append(ids[1:])
         masks.append(np.asarray(example.learn + [False] * pad)[1:])
-    rope = model.language.rope
-    rotations = [rope.rotation(len(e.ids)) for e in examples]
-    longs = {r.long for r in rotations}
-    scales = {r.mscale for r in rotations}
-    rotation = Rotation(
-        longs.pop() if len(longs) == 1 else mx.array([r.long for r in rotations]),
-        scales.pop() if len(scales) == 1 else mx.array([r.mscale for r in rotations]),
-    )
     return (
         mx.concatenate(rows, axis=0),
         mx.array(np.stack(targets), dtype=mx.int32),
         mx.array(np.stack(masks)),
-        rotation,
+        [len(e.ids) for e in examples],
     )
 
 
-def _hidden(model: Model, embeddings: mx.array, rotation: Rotation, checkpoint: bool) -> mx.array:
-    """Final hidden states [B, T, hidden] of a training batch, each decoder layer optionally
-    recomputed in the backward pass instead of kept (gradient checkpointing)."""
-    language = model.language
-    h = embeddings
-    for layer in language.layers:
-        if checkpoint:
-
-            def run(params: Any, x: mx.array, layer: nn.Module = layer) -> mx.array:
-                layer.update(params)
-                return type(layer).__call__(layer, x, "causal", None, 0, rotation)
-
-            h = mx.checkpoint(run)(layer.trainable_parameters(), h)
-        else:
-            h = layer(h, "causal", None, 0, rotation)
-    return language.norm(h)
-
-
-def loss(model: Model, batch: tuple, checkpoint: bool = False) -> tuple[mx.array, mx.array]:
+def loss(model: DecoderModel, batch: tuple, checkpoint: bool = False) -> tuple[mx.array, mx.array]:
     """Mean cross-entropy over the assistant tokens of a batch, and how many there are (the
     LM head reads only the positions that predict one)."""
-    embeddings, targets, mask, rotation = batch
+    embeddings, targets, mask, lengths = batch
     width = embeddings.shape[-1]
     rows = mx.array(np.flatnonzero(np.array(mask)), dtype=mx.int32)
-    hidden = _hidden(model, embeddings, rotation, checkpoint)[:, :-1].reshape(-1, width)[rows]
-    logits = model.language.lm_head(hidden).astype(mx.float32)
+    hidden = model.training_hidden(embeddings, lengths, checkpoint)
+    logits = model.logits(hidden[:, :-1].reshape(-1, width)[rows]).astype(mx.float32)
     losses = nn.losses.cross_entropy(logits, targets.reshape(-1)[rows])
     return losses.mean(), mx.array(rows.shape[0])
 
@@ -376,7 +349,7 @@ def _batches(examples: list[Example], size: int, seed: int) -> Iterator[list[Exa
 
 
 def evaluate(
-    model: Model,
+    model: DecoderModel,
     examples: list[Example],
     features: dict[tuple[str, int], mx.array],
     batch_size: int,
@@ -407,7 +380,7 @@ class Report:
 
 
 def train(
-    model: Model,
+    model: DecoderModel,
     train_set: list[Example],
     val_set: list[Example],
     features: dict[tuple[str, int], mx.array],
@@ -529,7 +502,7 @@ def fuse(
     for path, module in model.named_modules():
         if isinstance(module, (LoRALinear, LoRASwitchLinear, DoRALinear)):
             dense = module.fuse(dequantize=True)
-            fused[official_name(f"{path}.weight")] = dense.weight.astype(mx.float32)
+            fused[model.official_name(f"{path}.weight")] = dense.weight.astype(mx.float32)
     del model
     requantize = quantize or (bool(quantization) and not dequantize)
     bits = q_bits or quantization.get("bits", 4)
@@ -546,7 +519,7 @@ def fuse(
     advance = counter(3 * sum(item["input_ids"].shape[1] for item in inputs), check_progress)
     cpu = not mx.metal.is_available()
 
-    def adapted(d: str | None) -> Model:
+    def adapted(d: str | None) -> DecoderModel:
         loaded = load_model(base, d)
         load_adapter(loaded, adapter_path)
         return loaded

@@ -1,14 +1,13 @@
-"""Images and prompts to model inputs, exactly as the official Phi-3-Vision processor makes them."""
+"""Prompts and media to model inputs: image loading, ``<|image_N|>`` tags, the chat template and
+the stop ids, for every architecture (each brings its own image preparation)."""
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-CROP = 336
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 CHAT_TEMPLATE = (
@@ -116,150 +112,41 @@ def _open(source: str | Path | bytes | bytearray, name: str) -> Image.Image:
         raise ImageError(f"{name} cannot be read: {e}") from None
 
 
-def hd_size(width: int, height: int, num_crops: int) -> tuple[int, int, bool]:
-    """Resized (width, height) of the HD transform, and whether the image was transposed."""
-    transposed = width < height
-    if transposed:
-        width, height = height, width
-    ratio = width / height
-    scale = 1
-    while scale * math.ceil(scale / ratio) <= num_crops:
-        scale += 1
-    scale -= 1
-    new_w = int(scale * CROP)
-    return new_w, max(1, int(new_w / ratio)), transposed
-
-
-def hd_image(image: Image.Image, num_crops: int) -> Image.Image:
-    """Resize to a grid of at most ``num_crops`` 336-px crops and pad the height with white."""
-    width, height = image.size
-    new_w, new_h, transposed = hd_size(width, height, num_crops)
-    if transposed:
-        image = image.transpose(Image.Transpose.TRANSPOSE)
-    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    target = math.ceil(new_h / CROP) * CROP
-    top = int((target - new_h) / 2)
-    padded = Image.new("RGB", (new_w, target), (255, 255, 255))
-    padded.paste(image, (0, top))
-    if transposed:
-        padded = padded.transpose(Image.Transpose.TRANSPOSE)
-    return padded
-
-
-def num_image_tokens(height: int, width: int, tokens_per_crop: int = 144) -> int:
-    """Prompt slots of one image whose padded HD size is (height, width)."""
-    rows, cols = height // CROP, width // CROP
-    side = math.isqrt(tokens_per_crop)
-    return (rows * cols + 1) * tokens_per_crop + 1 + (rows + 1) * side
-
-
-def _cubic_weights(in_size: int, out_size: int) -> np.ndarray:
-    """[out, in] matrix of bicubic (a = -0.75, align_corners False, edge clamp) interpolation."""
-    a = -0.75
-    src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
-    base = np.floor(src)
-    t = src - base
-
-    def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    taps = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
-    index = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3), 0, in_size - 1)
-    weights = np.zeros((out_size, in_size))
-    np.add.at(weights, (np.repeat(np.arange(out_size), 4), index.ravel()), taps.ravel())
-    return weights
-
-
-def global_view(hd: np.ndarray) -> np.ndarray:
-    """The normalized HD image [H, W, 3] resized to [336, 336, 3] as torch's bicubic does."""
-    rows = _cubic_weights(hd.shape[0], CROP)
-    cols = _cubic_weights(hd.shape[1], CROP)
-    out = np.einsum("oh,hwc,pw->opc", rows, hd.astype(np.float64), cols, optimize=True)
-    return out.astype(np.float32)
-
-
-@dataclass
-class ImageInputs:
-    """Crops of all images (global view first for each) and each image's padded size."""
-
-    pixel_values: np.ndarray  # [crops, 336, 336, 3] float32
-    image_sizes: list[tuple[int, int]]
-    num_tokens: list[int]
-
-
 class Processor:
-    """Prompts and images to ``input_ids``, ``pixel_values`` and ``image_sizes``."""
+    """Prompts and images to ``input_ids`` and the media tensors of the model's encoder.
+
+    ``images`` is the architecture's image preparation (None for a text model): it checks
+    ``num_crops`` (``crops``), counts an image's prompt slots (``image_tokens``) and turns images
+    into tensors (``preprocess``). ``stop_ids`` end an answer; ``max_positions`` is the model's
+    context, which prompts may not exceed.
+    """
 
     def __init__(
         self,
         tokenizer: Any,
-        num_crops: int = 4,
-        num_img_tokens: int = 144,
-        image_mean: Sequence[float] = CLIP_MEAN,
-        image_std: Sequence[float] = CLIP_STD,
+        images: Any = None,
+        stop_ids: set[int] | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         max_positions: int | None = None,
-        vision: bool = True,
     ):
         self.tokenizer = tokenizer
-        self.vision = vision
-        self.num_crops = num_crops
-        self.num_img_tokens = num_img_tokens
-        self.mean = np.asarray(image_mean, dtype=np.float32)
-        self.std = np.asarray(image_std, dtype=np.float32)
+        self.images = images
+        self.stop_ids = set(stop_ids or ()) | set(tokenizer.eos_token_ids)
         self.max_pixels = max_pixels
         self.max_positions = max_positions
 
-    @classmethod
-    def from_folder(
-        cls, path: str | Path, tokenizer: Any, max_positions: int | None = None, vision: bool = True
-    ) -> Processor:
-        """Settings from ``preprocessor_config.json`` (defaults when absent); ``max_positions``
-        is the model's context, which prompts may not exceed; ``vision`` False for a text model,
-        whose prompts are plain text and which takes no images."""
-        file = Path(path) / "preprocessor_config.json"
-        settings = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
-        return cls(
-            tokenizer,
-            num_crops=int(settings.get("num_crops", 4)),
-            num_img_tokens=int(settings.get("num_img_tokens", 144)),
-            image_mean=settings.get("image_mean", CLIP_MEAN),
-            image_std=settings.get("image_std", CLIP_STD),
-            max_positions=max_positions,
-            vision=vision,
-        )
-
     @property
-    def max_num_crops(self) -> int | None:
-        """The most crops per image whose prompt slots fit the context (None: no bound)."""
-        if self.max_positions is None:
-            return None
-        per_crop = self.num_img_tokens + math.isqrt(self.num_img_tokens)
-        return max(1, (self.max_positions - 1) // per_crop - 1)
+    def vision(self) -> bool:
+        """Whether the model reads images."""
+        return self.images is not None
 
-    def crops(self, num_crops: int | None) -> int:
-        """``num_crops`` checked (the processor's default if None)."""
-        num_crops = self.num_crops if num_crops is None else int(num_crops)
-        if num_crops < 1:
-            raise ValueError(f"num_crops must be at least 1, got {num_crops}")
-        bound = self.max_num_crops
-        if bound is not None and num_crops > bound:
-            raise ValueError(
-                f"num_crops {num_crops} is over {bound}, the most whose image slots fit the "
-                f"model's context of {self.max_positions:,} positions"
-            )
-        return num_crops
+    def crops(self, num_crops: int | None) -> int | None:
+        """``num_crops`` checked (the processor's default if None; a text model has none)."""
+        return self.images.crops(num_crops) if self.images is not None else num_crops
 
-    def image_tokens(self, image: Image.Image, num_crops: int) -> int:
+    def image_tokens(self, image: Image.Image, num_crops: int | None) -> int:
         """Prompt slots of a loaded image, from its size alone (no pixel work)."""
-        width, height = image.size
-        new_w, new_h, transposed = hd_size(width, height, num_crops)
-        padded = (math.ceil(new_h / CROP) * CROP, new_w)
-        rows, cols = padded[::-1] if transposed else padded
-        return num_image_tokens(rows, cols, self.num_img_tokens)
+        return self.images.image_tokens(image, num_crops)
 
     def load_images(self, images: Sequence[ImageInput], first: int = 0) -> list[Image.Image]:
         """Decoded RGB images, numbered from ``first`` in errors; a text model refuses any."""
@@ -267,25 +154,11 @@ class Processor:
             raise ImageError("this is a text model: it takes no images")
         return [load_image(source, first + i, self.max_pixels) for i, source in enumerate(images)]
 
-    def preprocess(self, images: Sequence[ImageInput], num_crops: int | None = None) -> ImageInputs:
-        """Images to crops: the HD transform, CLIP normalization, the global view, 336-px tiles."""
+    def preprocess(self, images: Sequence[ImageInput], num_crops: int | None = None) -> Any:
+        """Images to the tensors of the model's image encoder."""
         if images and not self.vision:
             raise ImageError("this is a text model: it takes no images")
-        num_crops = self.crops(num_crops)
-        crops, sizes, counts = [], [], []
-        for i, source in enumerate(images):
-            image = load_image(source, i, self.max_pixels)
-            hd = np.asarray(hd_image(image, num_crops), dtype=np.float32) / np.float32(255)
-            hd = (hd - self.mean) / self.std
-            height, width = hd.shape[:2]
-            rows, cols = height // CROP, width // CROP
-            tiles = hd.reshape(rows, CROP, cols, CROP, 3).transpose(0, 2, 1, 3, 4)
-            crops.append(global_view(hd)[None])
-            crops.append(tiles.reshape(rows * cols, CROP, CROP, 3))
-            sizes.append((height, width))
-            counts.append(num_image_tokens(height, width, self.num_img_tokens))
-        pixels = np.concatenate(crops) if crops else np.zeros((0, CROP, CROP, 3), np.float32)
-        return ImageInputs(pixels, sizes, counts)
+        return self.images.preprocess(images, num_crops, self.max_pixels)
 
     def tokenize(self, prompt: str, num_tokens: Sequence[int]) -> list[int]:
         """Prompt ids: each text chunk tokenized alone (with BOS), ``<|image_k|>`` as -k slots
@@ -342,12 +215,13 @@ class Processor:
         num_crops = self.crops(num_crops)
         loaded = self.load_images(images)
         ids = self.tokenize(prompt, [self.image_tokens(image, num_crops) for image in loaded])
-        pre = self.preprocess(loaded, num_crops)
-        return {
-            "input_ids": mx.array([ids], dtype=mx.int32),
-            "pixel_values": mx.array(pre.pixel_values) if images else None,
-            "image_sizes": mx.array(pre.image_sizes, dtype=mx.int32) if images else None,
-        }
+        inputs = {"input_ids": mx.array([ids], dtype=mx.int32), "pixel_values": None,
+                  "image_sizes": None}  # fmt: skip
+        if loaded:
+            pre = self.preprocess(loaded, num_crops)
+            inputs["pixel_values"] = mx.array(pre.pixel_values)
+            inputs["image_sizes"] = mx.array(pre.image_sizes, dtype=mx.int32)
+        return inputs
 
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
@@ -371,7 +245,7 @@ class Processor:
                     else:
                         raise PromptError(f"unknown message part {part!r}")
                 content = "".join(text)
-            rendered.append({"role": message["role"], "content": content})
+            rendered.append({**message, "content": content})
         template = getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE
         return self.tokenizer.apply_chat_template(
             rendered,
@@ -379,3 +253,66 @@ class Processor:
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
         )
+
+
+def load_tokenizer(path: Path, eos_token_ids: Sequence[int] = ()) -> Any:
+    """mlx-lm's tokenizer wrapper around the checkpoint's ``tokenizer.json``, no remote code."""
+    from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not (path / "tokenizer.json").is_file():
+        raise ValueError(f"no tokenizer.json in {path}")
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return load_mlx_tokenizer(
+            path,
+            tokenizer_config_extra={"trust_remote_code": False},
+            eos_token_ids=list(eos_token_ids) or None,
+        )
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+TURN_END_TOKENS = ("<|end|>", "<|endoftext|>")
+
+
+def checkpoint_stop_ids(
+    path: Path, config_eos: int | Sequence[int] | None, tokenizer: Any = None
+) -> set[int]:
+    """Ids that end an answer, as the checkpoint says: the eos ids of ``generation_config.json``
+    and ``config.json``, and the tokenizer's own eos and turn-end tokens (``<|end|>``,
+    ``<|endoftext|>``) where it has them."""
+    ids: set[int] = set()
+    for value in (config_eos, _generation_eos(path)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    if tokenizer is not None:
+        vocab = tokenizer.get_vocab()
+        ids.update(vocab[token] for token in TURN_END_TOKENS if token in vocab)
+        if tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _generation_eos(path: Path) -> int | list[int] | None:
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+
+
+def make_processor(path: Path, config: Any, images: Any = None) -> Processor:
+    """The processor of a checkpoint folder with a ``tokenizer.json``: its tokenizer, the stop
+    ids it and its configs name, and the architecture's image preparation (None: text only)."""
+    tokenizer = load_tokenizer(path)
+    stops = checkpoint_stop_ids(path, config.eos_token_id, tokenizer)
+    tokenizer.eos_token_ids = stops
+    return Processor(
+        tokenizer, images=images, stop_ids=stops, max_positions=config.max_position_embeddings
+    )

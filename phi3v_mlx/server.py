@@ -31,9 +31,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.requests import Request as HttpRequest
 
 from .batch import BatchEngine, Request, RowEvent
+from .cache import PromptCache
 from .generate import SamplingOptions
-from .language import PromptCache
-from .model import Model
+from .models.base import DecoderModel
 from .processor import Processor, load_image
 from .session import common_prefix, image_digest
 
@@ -179,7 +179,7 @@ class EngineThread(threading.Thread):
     """Runs the batch engine: takes jobs and cancellations, steps, hands events back to the
     handlers' event loop. Admission is bounded: ``reserve`` refuses past the capacity."""
 
-    def __init__(self, model: Model, processor: Processor, settings: ServerSettings):
+    def __init__(self, model: DecoderModel, processor: Processor, settings: ServerSettings):
         super().__init__(name="phi3v-engine", daemon=True)
         self.model, self.processor, self.settings = model, processor, settings
         self.capacity = settings.batch_size + settings.queue_size
@@ -476,7 +476,7 @@ def conversation(body: dict[str, Any], settings: ServerSettings) -> tuple[list[d
 # ---------------------------------------------------------------- the web application
 
 
-def create_app(model: Model, processor: Processor, settings: ServerSettings) -> FastAPI:
+def create_app(model: DecoderModel, processor: Processor, settings: ServerSettings) -> FastAPI:
     """The FastAPI application, with its engine thread started on startup."""
     engine = EngineThread(model, processor, settings)
     images = ImageReader(settings)
@@ -789,7 +789,7 @@ class _RequestLog:
 
 
 def serve(
-    model: Model,
+    model: DecoderModel,
     processor: Processor,
     settings: ServerSettings,
     host: str = "127.0.0.1",

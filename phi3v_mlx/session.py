@@ -11,6 +11,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from .cache import PromptCache
 from .generate import (
     GenerationChunk,
     GenerationResult,
@@ -19,9 +20,8 @@ from .generate import (
     collect,
     decode,
 )
-from .language import PromptCache
 from .memory import PeakMemory
-from .model import Model
+from .models.base import DecoderModel
 from .processor import ImageInput, Processor
 
 ImageKey = tuple[str, int]  # (pixel digest, num_crops)
@@ -70,7 +70,7 @@ class ChatSession:
     trace. Streams may be advanced from several threads: each step runs alone.
     """
 
-    def __init__(self, model: Model, processor: Processor, system: str | None = None):
+    def __init__(self, model: DecoderModel, processor: Processor, system: str | None = None):
         self.model = model
         self.processor = processor
         self.system = system

@@ -75,7 +75,8 @@ def variant(request) -> str:
 def load_variant(variant: str):
     """(model, processor) of a variant in float32, the precision the goldens were made in."""
     if variant not in _loaded:
-        folder = TEXT / "models" / variant if variant in TEXT_VARIANTS else MODELS / variant
+        folder = TEXT / "models" / variant
+        folder = folder if folder.is_dir() else MODELS / variant
         _loaded[variant] = phi3v_mlx.load(folder, dtype="float32")
     return _loaded[variant]
 

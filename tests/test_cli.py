@@ -158,7 +158,7 @@ def test_progress_bars_only_in_a_terminal(monkeypatch):
             first(done, 100)
         second(3, 10)
     model = cli._weights(Path(TINY), None)
-    assert isinstance(model, phi3v_mlx.Model)
+    assert isinstance(model, phi3v_mlx.DecoderModel)
 
 
 def _one_line_error(args, stdin=None):

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from phi3v_mlx.config import ConfigError, ModelConfig
+from phi3v_mlx.config import ConfigError
+from phi3v_mlx.models.phi3v import ModelConfig
 from tests.conftest import CONFIGS, MODELS
 
 

@@ -223,14 +223,14 @@ def test_progress_reports_work_done(model35):
 
 def test_a_prompt_over_the_context_is_refused_before_pixel_work(model35, monkeypatch):
     model, processor = model35
-    from phi3v_mlx import processor as processor_module
+    from phi3v_mlx.models.phi3v import images as processor_module
 
     def no_pixels(*args):
         raise AssertionError("the image was resized")
 
     monkeypatch.setattr(processor_module, "hd_image", no_pixels)
     image = open_image("b_small")
-    bound = processor.max_num_crops
+    bound = processor.images.max_num_crops
     assert bound == (32768 - 1) // 156 - 1
     with pytest.raises(ValueError, match=f"num_crops 1000 is over {bound}"):
         phi3v_mlx.generate(model, processor, "<|user|>\n<|image_1|>\nHi", [image], 1000)

@@ -34,7 +34,7 @@ def test_keeps_checkpoint_dtype_and_casts_on_request():
     assert dtypes == {mx.bfloat16}
     model32, _ = phi3v_mlx.load(str(TINY), dtype="float32")
     assert {v.dtype for _, v in tree_flatten(model32.parameters())} == {mx.float32}
-    assert processor.num_crops == 16
+    assert processor.images.num_crops == 16
     # Weights were upcast exactly.
     a = np.array(model.language.norm.weight.astype(mx.float32))
     np.testing.assert_array_equal(a, np.array(model32.language.norm.weight))
@@ -139,7 +139,7 @@ def test_hub_id_goes_through_snapshot_download(monkeypatch):
     model, _ = phi3v_mlx.load("microsoft/Phi-3-vision-128k-instruct")
     assert calls == [("microsoft/Phi-3-vision-128k-instruct", loader.HUB_PATTERNS)]
     assert "*.safetensors" in loader.HUB_PATTERNS and "*.json" in loader.HUB_PATTERNS
-    assert isinstance(model, phi3v_mlx.Model)
+    assert isinstance(model, phi3v_mlx.DecoderModel)
 
 
 def test_hub_failure_is_one_line(monkeypatch):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import QuantizedKVCache
 
-from phi3v_mlx.language import PromptCache
+from phi3v_mlx.cache import PromptCache
 from tests.conftest import CASES, MANIFEST, case_inputs, expected_greedy, golden
 from tests.helpers import check_logit_summaries, wide_head_model
 

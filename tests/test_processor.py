@@ -10,13 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from phi3v_mlx.processor import (
-    ImageError,
-    PromptError,
-    hd_size,
-    load_image,
-    num_image_tokens,
-)
+from phi3v_mlx.models.phi3v.images import hd_size, num_image_tokens
+from phi3v_mlx.processor import ImageError, PromptError, load_image
 from tests.conftest import GOLDEN, IMAGES, open_image
 
 PROCESSOR_GOLDENS = sorted((GOLDEN / "processor").glob("*.npz"))
@@ -58,7 +53,7 @@ def test_text_only_inputs(processor):
 
 def test_num_crops_default_comes_from_preprocessor_config(processor):
     image = open_image("p_rgb_640x480")
-    assert processor.num_crops == 16
+    assert processor.images.num_crops == 16
     default = processor("<|image_1|>", images=[image])
     assert np.array(default["image_sizes"]).tolist() == [[1008, 1344]]
     small = processor("<|image_1|>", images=image, num_crops=4)
