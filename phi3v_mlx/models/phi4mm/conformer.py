@@ -17,6 +17,7 @@ import numpy as np
 from ...config import ConfigError, config_from_dict
 
 MAX_STEPS = 500  # the encoder attends within chunks of at most 500 steps (40 s of audio)
+SUBSAMPLE_STEPS = 128  # encoder steps subsampled at once (the first convolution's output is 32x)
 CHECKPOINT_PREFIX = "model.embed_tokens_extend.audio_embed."
 
 ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
@@ -311,12 +312,14 @@ class AudioEncoder(nn.Module):
         self.relative_attention_bias_layer = RelativeBias(config)
         self.encoders = [ConformerBlock(config) for _ in range(config.num_blocks)]
 
-    def subsample(self, features: mx.array, start: int, stop: int) -> mx.array:
-        """Subsampling outputs ``start..stop-1`` of normalized features, computed from the frames
-        they depend on only (one step of left context; equal to slicing the whole output)."""
+    def subsample(self, features: Any, start: int, stop: int) -> mx.array:
+        """Normalized and subsampled steps ``start..stop-1`` of features [n, frames, mels] (numpy
+        or MLX), computed from the frames they depend on only (one step of left context): equal
+        to slicing the output for the whole sequence."""
         r = self.config.time_reduction
         first = max(0, (start - 1) * r)
-        out = self.embed(features[:, first : stop * r])
+        frames = mx.array(features[:, first : stop * r], dtype=mx.float32)
+        out = self.embed(self.encoder_embedding(frames))
         return out[:, start - first // r : stop - first // r]
 
     def pieces(
@@ -325,7 +328,6 @@ class AudioEncoder(nn.Module):
         """(clip, encoder output [steps, hidden]) pieces in order, each clip's pieces covering
         its ceil(frames / 8) steps (the batch's padded length); ``mask`` [n, frames] marks valid
         frames (None: all valid). ``progress(done_steps, total_steps)`` after each piece."""
-        features = self.encoder_embedding(mx.array(features, dtype=mx.float32))
         n, frames = features.shape[:2]
         steps = encoder_steps(frames, self.config)
         if mask is None:  # every step valid, a long clip's chunk padding too (as the reference)
@@ -340,12 +342,16 @@ class AudioEncoder(nn.Module):
         for i in range(n):
             for start in range(0, steps, group):
                 stop = min(steps, start + group)
-                x = self.subsample(features[i : i + 1], start, stop)[0]
+                parts = []
+                for a in range(start, stop, SUBSAMPLE_STEPS):  # bounded convolution buffers
+                    b = min(stop, a + SUBSAMPLE_STEPS)
+                    parts.append(self.subsample(features[i : i + 1], a, b)[0])
+                    mx.eval(parts[-1])
                 rows = -(-(stop - start) // chunk)
-                x = mx.pad(x, [(0, rows * chunk - (stop - start)), (0, 0)]).reshape(rows, chunk, -1)
+                x = mx.pad(mx.concatenate(parts), [(0, rows * chunk - (stop - start)), (0, 0)])
                 position = start + mx.arange(rows * chunk).reshape(rows, 1, 1, chunk)
                 key_mask = (position < valid[i]).astype(mx.float32)
-                x = self.blocks(x, bias + key_mask)
+                x = self.blocks(x.reshape(rows, chunk, -1), bias + key_mask)
                 x = x.reshape(rows * chunk, -1)[: stop - start]
                 mx.eval(x)
                 done += stop - start
