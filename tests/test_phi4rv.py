@@ -136,7 +136,7 @@ def test_prompt_tags_become_slots_and_agree_with_placeholder_ids(loaded):
     inputs = text("ab<image>\nc<image>", images=images)
     ids = np.asarray(inputs["input_ids"])[0].tolist()
     assert ids == [1, 97, 98] + [-1] * 768 + [10, 99] + [-2] * 252
-    from_ids = text.from_ids([1, 97, 98, -200, 10, 99, -200], images)
+    from_ids = text([1, 97, 98, -200, 10, 99, -200], images)
     assert np.asarray(from_ids["input_ids"]).tolist() == [ids]
     for key in PX_KEYS:
         assert np.array_equal(np.asarray(inputs[key]), np.asarray(from_ids[key]))
@@ -185,6 +185,28 @@ def test_processor_with_a_tokenizer(tmp_path):
     assert ids[image - 1] == special["<|im_sep|>"] and ids.count(-1) == 252
     after = ids[image + 252 : image + 256]
     assert processor.tokenizer.decode(after[:3]) == "\nHi" and after[3] == special["<|im_end|>"]
+
+
+def test_shared_generate_and_chat_session_with_images(loaded, tmp_path):
+    model, _ = loaded
+    folder = byte_tokenizer_checkpoint(tmp_path)
+    for name in (
+        "model.safetensors.index.json",
+        *(p.name for p in CHECKPOINT.glob("*.safetensors")),
+    ):
+        (folder / name).symlink_to(CHECKPOINT / name)
+    model, processor = phi3v_mlx.load(folder, dtype="float32")
+    image = open_image("c_second")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    prompt = processor.apply_chat_template(messages)
+    inputs = processor(prompt, images=[image])
+    cache = model.make_cache()
+    h = model.hidden(model.embed(**inputs), cache)
+    want = greedy(model, model.logits(h[:, -1:]), cache, 3)
+    result = phi3v_mlx.generate(model, processor, prompt, images=[image], max_tokens=3)
+    assert result.tokens == want
+    session = phi3v_mlx.ChatSession(model, processor)
+    assert session.send("Hi", images=[image], max_tokens=3).tokens == want
 
 
 def test_checkpoint_without_tokenizer_takes_ids_only(loaded):
@@ -246,7 +268,7 @@ def test_processor_ids_logits_and_cached_greedy(loaded, case):
     want = golden(case)
     # The processor from the placeholder ids and the images: the reference's layout, expanded.
     images = [open_image(n) for n in MANIFEST["cases"][case]["images"]] or None
-    inputs = processor.from_ids(ids.tolist(), images)
+    inputs = processor(ids.tolist(), images)
     expanded = np.load(ROOT / "golden" / "inputs" / f"case_{case}.npz")["expanded_ids"][0]
     slots = np.asarray(inputs["input_ids"])[0]
     assert np.array_equal(slots < 0, expanded == -200)

@@ -100,8 +100,12 @@ class ModelConfig:
         return self.text.hidden_size
 
     @property
-    def eos_token_ids(self) -> list[int]:
-        return self.text.eos_token_ids
+    def eos_token_id(self) -> int | list[int]:
+        return self.text.eos_token_id
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.text.max_position_embeddings
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:

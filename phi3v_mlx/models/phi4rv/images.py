@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -34,6 +34,29 @@ def size_for_patches(height: int, width: int, patch: int, budget: int) -> tuple[
         else:
             high = scale
     return scaled(height, low), scaled(width, low)
+
+
+@dataclass
+class ImageInputs:
+    """Images as the vision tower takes them: each image's patches, padded with zero rows to
+    the same count, and its patch grid (rows, columns), which ``Model.encode_images`` takes as
+    the image's size."""
+
+    pixel_values: np.ndarray  # [n, max_num_patches, patch * patch * 3] float32
+    image_sizes: list[tuple[int, int]]
+
+    def tensors(self) -> dict[str, mx.array]:
+        """The reference processor's layout: the patches, the mask of real patches (a prefix
+        of each row), the patch grids and the token counts."""
+        grids = np.asarray(self.image_sizes, dtype=np.int32).reshape(-1, 2)
+        counts = grids[:, 0] * grids[:, 1]
+        mask = np.arange(self.pixel_values.shape[1])[None] < counts[:, None]
+        return {
+            "pixel_values": mx.array(self.pixel_values),
+            "pixel_attention_mask": mx.array(mask.astype(np.int32)),
+            "spatial_shapes": mx.array(grids),
+            "num_image_tokens": mx.array(counts),
+        }
 
 
 class ImageProcessor:
@@ -80,25 +103,22 @@ class ImageProcessor:
         grid = pixels.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4)
         return grid.reshape(rows * cols, p * p * 3), (rows, cols)
 
-    def __call__(self, images: Sequence[ImageInput] | ImageInput, first: int = 0) -> dict[str, Any]:
-        """The tensors of the vision tower for ``images`` (PIL images in any mode, paths, bytes
-        or arrays; numbered from ``first`` in errors)."""
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        size = self.max_num_patches
-        dim = self.patch_size * self.patch_size * 3
-        pixel_values = np.zeros((len(images), size, dim), dtype=np.float32)
-        mask = np.zeros((len(images), size), dtype=np.int32)
-        shapes = []
+    def preprocess(self, images: Sequence[ImageInput], first: int = 0) -> ImageInputs:
+        """``images`` (PIL images in any mode, paths, bytes or arrays; numbered from ``first``
+        in errors) as the vision tower takes them."""
+        pixel_values = np.zeros(
+            (len(images), self.max_num_patches, self.patch_size**2 * 3), dtype=np.float32
+        )
+        grids = []
         for i, source in enumerate(images):
             patches, grid = self.patches(load_image(source, first + i, self.max_pixels))
             pixel_values[i, : len(patches)] = patches
-            mask[i, : len(patches)] = 1
-            shapes.append(grid)
-        shapes = np.asarray(shapes, dtype=np.int32).reshape(-1, 2)
-        return {
-            "pixel_values": mx.array(pixel_values),
-            "pixel_attention_mask": mx.array(mask),
-            "spatial_shapes": mx.array(shapes),
-            "num_image_tokens": mx.array(shapes[:, 0] * shapes[:, 1]),
-        }
+            grids.append(grid)
+        return ImageInputs(pixel_values, grids)
+
+    def __call__(self, images: Sequence[ImageInput] | ImageInput) -> dict[str, mx.array]:
+        """The reference processor's outputs for ``images``: ``pixel_values``,
+        ``pixel_attention_mask``, ``spatial_shapes`` and ``num_image_tokens``."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return self.preprocess(list(images)).tensors()

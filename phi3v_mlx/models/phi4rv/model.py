@@ -48,11 +48,13 @@ def expand_placeholders(input_ids: Any, counts: list[int]) -> np.ndarray:
 
 
 def image_grids(inputs: Mapping[str, Any], patch_dim: int) -> list[tuple[int, int]]:
-    """Each image's patch grid (rows, columns), checked against the other inputs (patches of
-    ``patch_dim`` values)."""
-    if inputs.get("spatial_shapes") is None or inputs.get("pixel_values") is None:
+    """Each image's patch grid (rows, columns) from ``spatial_shapes`` (or ``image_sizes``),
+    checked against the other inputs (patches of ``patch_dim`` values)."""
+    shapes = inputs.get("spatial_shapes")
+    shapes = inputs.get("image_sizes") if shapes is None else shapes
+    if shapes is None or inputs.get("pixel_values") is None:
         raise MediaError("image inputs need pixel_values and spatial_shapes")
-    shapes = np.asarray(inputs["spatial_shapes"]).reshape(-1, 2)
+    shapes = np.asarray(shapes).reshape(-1, 2)
     grids = [(int(r), int(c)) for r, c in shapes.tolist()]
     counts = [r * c for r, c in grids]
     pixels = inputs["pixel_values"]
@@ -115,19 +117,31 @@ class Model(DecoderModel):
     def encode(
         self, inputs: Mapping[str, Any], between_batches: Callable[[], None] | None = None
     ) -> list[mx.array]:
-        """Per image, the projected features [rows * columns, hidden] that fill its slots.
+        """Per image, the projected features [rows * columns, hidden] that fill its slots, from
+        the processor's outputs (checked against each other)."""
+        grids = image_grids(inputs, self.config.vision_config.patch_dim)
+        return self.encode_images(inputs["pixel_values"], grids, between_batches)
+
+    def encode_images(
+        self,
+        pixel_values: Any,
+        image_sizes: Any,
+        between_batches: Callable[[], None] | None = None,
+    ) -> list[mx.array]:
+        """Per image, the projected features [rows * columns, hidden] of ``pixel_values``
+        [n, P, patch_dim] whose image i fills its first rows x columns rows, ``image_sizes``
+        holding each image's patch grid (rows, columns).
 
         Images run through the tower in padded batches (each on its own grid, padding masked);
         ``between_batches()`` is called after each evaluated batch.
         """
-        grids = image_grids(inputs, self.config.vision_config.patch_dim)
-        pixels = inputs["pixel_values"]
+        grids = [(int(r), int(c)) for r, c in np.asarray(image_sizes).reshape(-1, 2).tolist()]
         dtype = self.vision.embeddings.patch_embedding.bias.dtype
         features: list[mx.array] = []
         for batch in batches([r * c for r, c in grids], BATCH_PATCHES):
             width = max(grids[i][0] * grids[i][1] for i in batch)
-            patches = mx.array(np.asarray(pixels[batch.start : batch.stop, :width]), dtype=dtype)
-            out = self.vision(patches, grids[batch.start : batch.stop])
+            rows = pixel_values[batch.start : batch.stop, :width]
+            out = self.vision(mx.array(rows).astype(dtype), grids[batch.start : batch.stop])
             projected = [
                 self.projector(out[row, : grids[i][0] * grids[i][1]]) for row, i in enumerate(batch)
             ]

@@ -24,7 +24,7 @@ from ...processor import (
     load_tokenizer,
 )
 from .config import ModelConfig
-from .images import ImageProcessor
+from .images import ImageInputs, ImageProcessor
 from .model import expand_placeholders
 
 IMAGE_TAG = "<image>"
@@ -114,12 +114,11 @@ class Processor:
         self.crops(num_crops)
         return self.image_processor.image_tokens(image)
 
-    def preprocess(
-        self, images: Sequence[ImageInput], num_crops: int | None = None
-    ) -> dict[str, mx.array]:
-        """The vision tower's tensors for ``images`` (``Model.encode`` takes them)."""
+    def preprocess(self, images: Sequence[ImageInput], num_crops: int | None = None) -> ImageInputs:
+        """The vision tower's inputs for ``images`` (``Model.encode_images`` takes their
+        ``pixel_values`` and ``image_sizes``)."""
         self.crops(num_crops)
-        return self.image_processor(list(images))
+        return self.image_processor.preprocess(list(images))
 
     def check_length(self, length: int) -> None:
         """Refuse a prompt of ``length`` positions that does not fit the model's context."""
@@ -129,10 +128,20 @@ class Processor:
                 f"{self.max_positions:,} (use fewer or smaller images)"
             )
 
-    def tokenize(self, prompt: str, num_tokens: Sequence[int]) -> list[int]:
-        """Prompt ids: the text between ``<image>`` tags tokenized chunk by chunk (a BOS only
-        at the start, as the reference does), the k-th tag as ``num_tokens[k]`` slots of
-        ``-(k + 1)``. A prompt longer than the model's context is refused."""
+    def tokenize(self, prompt: str | Sequence[int], num_tokens: Sequence[int]) -> list[int]:
+        """Prompt ids with image k's slots as ``num_tokens[k]`` ids ``-(k + 1)``.
+
+        A text prompt is tokenized chunk by chunk between its ``<image>`` tags (a BOS only at
+        the start, as the reference does); an id prompt has its -200 placeholders (the
+        reference's layout) expanded, or holds the slots already. A prompt longer than the
+        model's context is refused.
+        """
+        if not isinstance(prompt, str):
+            ids = expand_placeholders(np.array([int(t) for t in prompt], np.int64), num_tokens)
+            if not len(ids):
+                raise PromptError("the prompt is empty")
+            self.check_length(len(ids))
+            return ids.tolist()
         if self.tokenizer is None:
             raise PromptError("this checkpoint has no tokenizer files: give the prompt as ids")
         chunks = prompt.split(IMAGE_TAG)
@@ -153,12 +162,15 @@ class Processor:
 
     def __call__(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         images: Sequence[ImageInput] | ImageInput | None = None,
         num_crops: int | None = None,
     ) -> dict[str, mx.array]:
-        """Model inputs for a prompt (already in chat format) and the images its ``<image>``
-        tags place, in order. The prompt's length is checked before any pixel work."""
+        """Model inputs for a prompt (chat-formatted text whose ``<image>`` tags place the
+        images, in order; or ids with one -200 per image) and its images: ``input_ids`` with
+        the slots expanded, the reference processor's tensors, and ``image_sizes`` (the patch
+        grids again, as shared code passes them to ``Model.encode_images``). The prompt's
+        length is checked before any pixel work."""
         self.crops(num_crops)
         if images is None:
             images = []
@@ -166,25 +178,11 @@ class Processor:
             images = [images]
         loaded = self.load_images(images)
         ids = self.tokenize(prompt, [self.image_processor.image_tokens(im) for im in loaded])
-        inputs = self.image_processor(loaded) if loaded else {}
-        return {"input_ids": mx.array([ids], dtype=mx.int32), **inputs}
-
-    def from_ids(
-        self, input_ids: Sequence[int], images: Sequence[ImageInput] | ImageInput | None = None
-    ) -> dict[str, mx.array]:
-        """Model inputs for prompt ids holding one -200 placeholder per image (as the
-        reference's processor makes them), or slots already expanded."""
-        if images is None:
-            images = []
-        elif not isinstance(images, (list, tuple)):
-            images = [images]
-        inputs = self.image_processor(self.load_images(images)) if images else {}
-        counts = np.asarray(inputs["num_image_tokens"]).tolist() if images else []
-        ids = expand_placeholders(np.asarray(list(input_ids), dtype=np.int64), counts)
-        if not len(ids):
-            raise PromptError("the prompt is empty")
-        self.check_length(len(ids))
-        return {"input_ids": mx.array(ids[None], dtype=mx.int32), **inputs}
+        inputs = {"input_ids": mx.array([ids], dtype=mx.int32)}
+        if loaded:
+            inputs.update(self.image_processor.preprocess(loaded).tensors())
+            inputs["image_sizes"] = inputs["spatial_shapes"]
+        return inputs
 
     def apply_chat_template(
         self,
@@ -233,7 +231,7 @@ def load_processor(path: Path, config: ModelConfig) -> Processor:
         template = tokenizer.chat_template
     else:
         raise ValueError(f"no chat_template.jinja in {path}")
-    stops = checkpoint_stop_ids(path, config.text.eos_token_id, tokenizer)
+    stops = checkpoint_stop_ids(path, config.eos_token_id, tokenizer)
     if tokenizer is not None:
         tokenizer.eos_token_ids = stops
     images = ImageProcessor(
@@ -242,4 +240,4 @@ def load_processor(path: Path, config: ModelConfig) -> Processor:
         max_num_patches=config.max_num_patches,
         max_pixels=DEFAULT_MAX_PIXELS,
     )
-    return Processor(tokenizer, images, template, stops, config.text.max_position_embeddings)
+    return Processor(tokenizer, images, template, stops, config.max_position_embeddings)
