@@ -158,6 +158,19 @@ def test_chunked_sparse_attention_equals_dense_reference(block, local, stride, h
     want = reference_attention(q, k, v, 0.25, heads, block, local, stride)
     np.testing.assert_allclose(chunked, want, atol=2e-5)
     np.testing.assert_allclose(whole, want, atol=2e-5)
+    for p in (T - 70, T - 1):  # decode steps
+        step = block_sparse_attention(
+            *(mx.array(x[:, :, : p + 1], dtype=mx.float32) for x in (q, k, v)), 0, 0.25, pattern
+        )[:, :, -1:]
+        single = block_sparse_attention(
+            mx.array(q[:, :, p : p + 1], dtype=mx.float32),
+            *(mx.array(x[:, :, : p + 1], dtype=mx.float32) for x in (k, v)),
+            p,
+            0.25,
+            pattern,
+        )
+        np.testing.assert_allclose(np.array(single), want[:, :, p : p + 1], atol=2e-5)
+        np.testing.assert_allclose(np.array(step), want[:, :, p : p + 1], atol=2e-5)
 
 
 def test_chunked_prefill_and_decode_match_the_whole_forward():

@@ -14,6 +14,9 @@ import mlx.core as mx
 
 # Queries attended in one piece: bounds the mask and the gathered keys of a long prompt.
 QUERY_CHUNK = 512
+# Up to this many queries (decode steps) read every key under a token mask: cheaper than
+# gathering the visited blocks when the mask is only a few rows.
+MASKED_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ def block_sparse_attention(
         # Every key lies in every query's local window: plain causal attention.
         mask = "causal" if length > 1 else None
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    if length <= MASKED_ROWS:
+        mask = pattern.allowed(mx.arange(offset, offset + length), mx.arange(offset + length))
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
     parts = []
     for start in range(0, length, QUERY_CHUNK):
         end = min(length, start + QUERY_CHUNK)
@@ -101,7 +107,7 @@ def _attend(
 ) -> mx.array:
     """One chunk of queries: keys of the blocks no query of the chunk sees as local are read only
     where they are a head's vertical blocks (gathered per head); the rest under a token mask."""
-    batch, heads, length, dims = queries.shape
+    heads, length = queries.shape[1], queries.shape[2]
     kv_heads, total = keys.shape[1], keys.shape[2]
     far = max(0, offset // pattern.block - (pattern.local - 1))
     start = far * pattern.block
@@ -113,18 +119,17 @@ def _attend(
         )
     repeats = heads // kv_heads
     index, real = pattern.vertical_blocks(far)
-    rows = ((mx.arange(heads) // repeats)[:, None] * far + index).reshape(-1)
-
-    def gather(x: mx.array) -> mx.array:
-        blocks = x[:, :, :start].reshape(batch, kv_heads * far, pattern.block, dims)
-        return mx.take(blocks, rows, axis=1).reshape(batch, heads, -1, dims)
-
+    tokens = index[:, :, None] * pattern.block + mx.arange(pattern.block)
+    kv = (mx.arange(heads) // repeats)[:, None]
+    far_tokens = tokens.reshape(heads, -1)
     far_mask = mx.repeat(real, pattern.block, axis=1)[:, None, :]
     far_mask = mx.broadcast_to(far_mask, (heads, length, far_mask.shape[-1]))
     return mx.fast.scaled_dot_product_attention(
         queries,
-        mx.concatenate([gather(keys), mx.repeat(near_keys, repeats, axis=1)], axis=2),
-        mx.concatenate([gather(values), mx.repeat(near_values, repeats, axis=1)], axis=2),
+        mx.concatenate([keys[:, kv, far_tokens], mx.repeat(near_keys, repeats, axis=1)], axis=2),
+        mx.concatenate(
+            [values[:, kv, far_tokens], mx.repeat(near_values, repeats, axis=1)], axis=2
+        ),
         scale=scale,
         mask=mx.concatenate([far_mask, mask], axis=-1),
     )
