@@ -12,6 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import read_config
+from .distributed import shard_model
 from .models import architecture
 from .models.base import DecoderModel, module_names
 from .processor import Processor
@@ -144,11 +145,13 @@ def load_model(
     dtype: str | mx.Dtype | None = None,
     lazy: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> DecoderModel:
     """The model of a local checkpoint folder, its weights cast to ``dtype`` if given.
 
     Unless ``lazy``, the weights are read now, one tensor at a time; ``progress(done, total)``
-    hears of each in bytes.
+    hears of each in bytes. With a ``group`` of several ranks, the model is split across them
+    first (:func:`phi3v_mlx.distributed.shard_model`): each rank keeps only its part.
     """
     config = model_config(path)
     model = architecture(config.model_type).Model(config)
@@ -165,6 +168,8 @@ def load_model(
         }
     model.load_weights(list(weights.items()), strict=False)
     model.eval()
+    if group is not None and group.size() > 1:
+        shard_model(model, group)
     if not lazy:
         tensors = [v for _, v in tree_flatten(model.parameters())]
         total, done = sum(v.nbytes for v in tensors), 0
@@ -191,15 +196,24 @@ def load(
     lazy: bool = False,
     progress: Callable[[int, int], None] | None = None,
     adapter_path: str | Path | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> tuple[DecoderModel, Processor]:
     """A model and its processor from a local folder or a Hugging Face Hub id.
 
     The checkpoint dtype is kept unless ``dtype`` ("float32", "float16", "bfloat16", or the
     MLX dtype itself) is given; quantized weights stay quantized. ``adapter_path`` puts a
     fine-tuned adapter (``phi3v lora``'s output, in mlx-lm's format) on the model.
+
+    ``group`` (``mx.distributed.init()`` in a process started by ``mlx.launch``) splits the
+    model across its ranks, tensor parallel: each rank reads and keeps only its part of the
+    decoder (the embeddings, the head and the vision tower whole), every rank runs the same
+    calls in step, and all get the same logits. Every rank also gets the same global random
+    seed, so unseeded sampling agrees.
     """
+    if adapter_path is not None and group is not None and group.size() > 1:
+        raise LoadError("a model split across ranks takes no adapter: fuse it first (phi3v fuse)")
     path = resolve(path_or_repo)
-    model = load_model(path, dtype, lazy, progress)
+    model = load_model(path, dtype, lazy, progress, group)
     if adapter_path is not None:
         from .lora import load_adapter
 

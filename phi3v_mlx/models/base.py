@@ -83,6 +83,13 @@ class DecoderModel(nn.Module):
     def layers(self) -> list[nn.Module]:
         return self.language.layers
 
+    def shard(self, group: mx.distributed.Group) -> None:
+        """Split the decoder across the ranks of ``group`` (tensor parallel); media encoders
+        stay whole on every rank."""
+        if not hasattr(self.language, "shard"):
+            raise ValueError(f"{self.config.model_type} models cannot be split across ranks")
+        self.language.shard(group)
+
     def make_cache(self, max_kv_size: int | None = None) -> PromptCache:
         """An empty cache for one sequence."""
         return self.language.make_cache(max_kv_size)

@@ -20,6 +20,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..cache import PromptCache, RopeState
 from ..config import ConfigError, config_from_dict, known_fields, read_config
+from ..distributed import shard_decoder
 from ..processor import Processor, make_processor
 from .base import DecoderModel
 
@@ -345,6 +346,11 @@ class LanguageModel(nn.Module):
             self.lm_head = nn.Linear(
                 config.hidden_size, config.vocab_size, bias=config.lm_head_bias
             )
+
+    def shard(self, group: mx.distributed.Group) -> None:
+        """Split the layers across the ranks of ``group`` (tensor parallel; see
+        :mod:`phi3v_mlx.distributed`): embeddings, norms and the head stay whole."""
+        shard_decoder(self, group)
 
     def embed(self, input_ids: mx.array) -> mx.array:
         """Embeddings of token ids; negative ids (image slots) read row 0 until filled."""
