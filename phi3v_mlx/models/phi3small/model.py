@@ -189,7 +189,7 @@ class LanguageModel(nn.Module):
         first = layers[0]
         offset, padding = first.offset, first.left_padding
         length = embeddings.shape[1]
-        total = first._idx + length
+        total = first.size() + length
         query = offset[:, None] + mx.arange(length)[None]  # [B, L]
         key = mx.arange(total)[None] - padding[:, None]  # [B, S]; negative: padding
         real = (key >= 0)[:, None, :]
