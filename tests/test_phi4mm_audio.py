@@ -123,6 +123,14 @@ def test_channels_are_averaged_and_formats_read(tmp_path):
     soundfile.write(buffer, wave, 16000, format="WAV", subtype="PCM_16")
     np.testing.assert_array_equal(load_audio(buffer.getvalue()), wave)
     assert load_audio(str(tmp_path / "clip.ogg")).shape == wave.shape
+    soundfile.write(tmp_path / "clip.mp3", stereo, 44_100, format="MP3")
+    assert abs(load_audio(tmp_path / "clip.mp3").shape[0] - len(wave) * 160 / 441) < 1200
+
+
+def test_int16_samples_are_scaled_as_soundfile_reads_them():
+    pcm, rate = soundfile.read(AUDIO / "speech16k_1p0s.wav", dtype="int16")
+    wave = np.load(FEATURES / "speech16k_1p0s.npz")["waveform"]
+    np.testing.assert_array_equal(load_audio((pcm, rate)), wave)
 
 
 def test_other_rates_are_resampled_to_16khz():
