@@ -94,40 +94,48 @@ def hd_layout(
     return HDLayout(across, down, new_w, new_h, mask)
 
 
-def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, int]:
-    """[out, in] integer weights of an antialiased linear resize and their fixed-point precision
-    (the 16-bit weights of torch's 8-bit kernel)."""
+def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The input indices [out, k] and integer weights [out, k] of an antialiased linear resize,
+    and their fixed-point precision (the 16-bit weights of torch's 8-bit kernel)."""
     scale = in_size / out_size
     support = max(scale, 1.0)
     inverse = 1.0 / scale if scale >= 1.0 else 1.0
     most = math.ceil(support) * 2 + 1
-    weights = np.zeros((out_size, in_size))
+    index = np.zeros((out_size, most), np.int64)
+    weights = np.zeros((out_size, most))
     for i in range(out_size):
         center = scale * (i + 0.5)
         first = max(int(center - support + 0.5), 0)
         count = min(max(min(int(center + support + 0.5), in_size) - first, 0), most)
         taps = np.maximum(0.0, 1.0 - np.abs((np.arange(count) + first - center + 0.5) * inverse))
         total = taps.sum()
-        weights[i, first : first + count] = taps / total if total else taps
+        index[i, :count] = first + np.arange(count)
+        weights[i, :count] = taps / total if total else taps
     precision = 0
     while precision < 22 and int(0.5 + weights.max() * (1 << (precision + 1))) < (1 << 15):
         precision += 1
-    return np.floor(0.5 + weights * (1 << precision)).astype(np.int64), precision
+    return index, np.floor(0.5 + weights * (1 << precision)).astype(np.int32), precision
+
+
+def _resample_rows(pixels: np.ndarray, size: int) -> np.ndarray:
+    """One pass of :func:`resize_bilinear` along the first axis, in fixed point."""
+    index, taps, precision = _linear_taps(pixels.shape[0], size)
+    # 32 bits suffice: the weights of one output sum to 2**precision <= 2**22, times 255
+    out = np.full((size, *pixels.shape[1:]), 1 << (precision - 1), np.int32)
+    for k in range(index.shape[1]):
+        out += taps[:, k, None, None] * pixels[index[:, k]]
+    return np.clip(out >> precision, 0, 255)
 
 
 def resize_bilinear(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     """An 8-bit [H, W, C] image resized with antialiased bilinear filtering, exactly as torch's
     8-bit kernel does it (torchvision's ``resize``): columns first, then rows, each pass in fixed
     point rounded back to 8 bits."""
-    out = pixels.astype(np.int64)
+    out = pixels.astype(np.int32)
     if width != out.shape[1]:
-        taps, precision = _linear_taps(out.shape[1], width)
-        out = np.einsum("ow,hwc->hoc", taps, out) + (1 << (precision - 1)) >> precision
-        out = np.clip(out, 0, 255)
+        out = _resample_rows(out.transpose(1, 0, 2), width).transpose(1, 0, 2)
     if height != out.shape[0]:
-        taps, precision = _linear_taps(out.shape[0], height)
-        out = np.einsum("oh,hwc->owc", taps, out) + (1 << (precision - 1)) >> precision
-        out = np.clip(out, 0, 255)
+        out = _resample_rows(out, height)
     return out.astype(np.uint8)
 
 

@@ -169,8 +169,6 @@ class Model(DecoderModel):
         """Logits [1, T, vocab] of a prompt (ids and media, or its input embeddings), run with
         the adapter its media select (a cache keeps the adapter its sequence started with)."""
         key = self.adapter_key(inputs)
-        if input_embeddings is None:
-            input_embeddings = self.embed(input_ids, **inputs)
         if cache is not None and key is not None:
             held = getattr(cache, "adapter", None)
             if cache.offset and held != key:
@@ -179,6 +177,8 @@ class Model(DecoderModel):
                     f"its media need {key!r}"
                 )
             cache.adapter = key
+        if input_embeddings is None:
+            input_embeddings = self.embed(input_ids, **inputs)
         with using(key):
             return self.language(input_embeddings, cache)
 

@@ -23,7 +23,7 @@ from ...processor import (
     load_image,
     load_tokenizer,
 )
-from .audio import AudioInput
+from .audio import SAMPLE_RATE, AudioInput
 from .config import ModelConfig
 from .features import AudioFeatureExtractor, FeatureConfig, audio_embed_size, num_frames
 from .images import ImageProcessor
@@ -125,14 +125,20 @@ class Processor:
         images: Sequence[ImageInput] | ImageInput | None = None,
         audios: Sequence[AudioInput] | AudioInput | None = None,
         dynamic_hd: int | None = None,
-        sampling_rate: int | None = None,
+        sampling_rate: int = SAMPLE_RATE,
+        num_crops: int | None = None,
     ) -> dict[str, mx.array | None]:
         """Model inputs for a prompt (chat-formatted text, or ids) and the media it names.
 
-        ``dynamic_hd`` bounds the crops per image (the checkpoint's setting if None);
-        ``sampling_rate`` is the rate of audio given as sample arrays. The prompt's length is
-        checked before any pixel or audio feature work.
+        ``dynamic_hd`` bounds the crops per image (the checkpoint's setting if None;
+        ``num_crops``, the Phi-3-Vision name of the same bound, is taken too);
+        ``sampling_rate`` is the rate of audio given as bare sample arrays (16 kHz unless given,
+        as the reference extractor reads them; files and (samples, rate) pairs carry their own).
+        The prompt's length is checked before any pixel or audio feature work.
         """
+        if num_crops is not None and dynamic_hd is not None and num_crops != dynamic_hd:
+            raise ValueError("num_crops and dynamic_hd name the same bound: give one")
+        dynamic_hd = num_crops if dynamic_hd is None else dynamic_hd
         images = [] if images is None else images
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         loaded = self.load_images(images)
