@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TextIO
 
 import mlx.core as mx
@@ -166,6 +166,9 @@ class AnswerText:
     def __init__(self, processor: Processor):
         tokenizer = processor.tokenizer
         self.stops = processor.stop_ids
+        self.detokenizer = None  # a checkpoint without a tokenizer answers in ids only
+        if tokenizer is None:
+            return
         special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         self.hidden = special | set(tokenizer.all_special_ids) | self.stops
         self.vocab = len(tokenizer)
@@ -173,12 +176,16 @@ class AnswerText:
 
     def add(self, token: int) -> str:
         """The new text after ``token`` (a token that is not a stop id)."""
+        if self.detokenizer is None:
+            return ""
         if token not in self.hidden and token < self.vocab:
             self.detokenizer.add_token(token)
         return self.detokenizer.last_segment
 
     def finish(self) -> str:
         """The text held back until the end (an incomplete UTF-8 sequence)."""
+        if self.detokenizer is None:
+            return ""
         self.detokenizer.finalize()
         return self.detokenizer.last_segment
 
@@ -321,8 +328,27 @@ def prepare(
     images: Sequence[ImageInput] | ImageInput | None,
     num_crops: int | None,
     progress: Progress | None = None,
-) -> tuple[list[int], mx.array]:
-    """Prompt ids (image slots negative) and their input embeddings [1, T, hidden]."""
+    media: dict[str, Any] | None = None,
+) -> tuple[list[int], mx.array, str | None]:
+    """Prompt ids (media slots negative), their input embeddings [1, T, hidden], and the
+    adapter the sequence runs (``model.adapter_key``; None for most architectures).
+
+    ``media`` are further inputs and options of an architecture whose model reads its
+    processor's whole output (``model.encode``: Phi-4-multimodal's ``audios=``, ``dynamic_hd=``).
+    """
+    media = {k: v for k, v in (media or {}).items() if v is not None}
+    encode = getattr(model, "encode", None)
+    if encode is not None:
+        if num_crops is not None:
+            media["num_crops"] = num_crops
+        inputs = processor(prompt, images=images, **media)
+        ids = np.asarray(inputs["input_ids"]).reshape(-1).tolist()
+        given = {k: v for k, v in inputs.items() if k != "input_ids"}
+        key = model.adapter_key(given) if hasattr(model, "adapter_key") else None
+        between = None if progress is None else lambda: progress(0, len(ids))
+        return ids, model.merge(mx.array([ids]), encode(given, between)), key
+    if media:
+        raise ValueError(f"{model.config.model_type} models take no {', '.join(sorted(media))}")
     if isinstance(prompt, str):
         inputs = processor(prompt, images=images, num_crops=num_crops)
         ids = np.asarray(inputs["input_ids"]).reshape(-1).tolist()
@@ -340,7 +366,7 @@ def prepare(
     if pixels is not None:
         between = None if progress is None else lambda: progress(0, len(ids))
         features = model.encode_images(pixels, sizes, between_batches=between)
-    return ids, model.merge(mx.array([ids]), features)
+    return ids, model.merge(mx.array([ids]), features), None
 
 
 def prompt_or_ids(prompt: str | Sequence[int] | None, input_ids: Sequence[int] | None) -> Any:
@@ -366,17 +392,24 @@ def stream_generate(
 
     ``options`` are :class:`SamplingOptions` fields (``max_tokens``, ``temperature``, ``top_p``,
     ``min_p``, ``top_k``, ``repetition_penalty``, ``seed``, ``kv_bits``, ``max_kv_size``,
-    ``prefill_step_size``). The concatenated chunk texts are the answer; no stop or special token
-    is ever part of it. ``progress(done, total)`` hears of the prompt being read, after each
-    unit of work; an exception it raises stops the generation there.
+    ``prefill_step_size``); any other keyword is a media input or option of an architecture that
+    takes it (Phi-4-multimodal: ``audios``, ``dynamic_hd``, ``sampling_rate``). The concatenated
+    chunk texts are the answer; no stop or special token is ever part of it (a checkpoint without
+    a tokenizer answers in token ids only). ``progress(done, total)`` hears of the prompt being
+    read, after each unit of work; an exception it raises stops the generation there.
     """
     prompt = prompt_or_ids(prompt, input_ids)
+    sampling = {f.name for f in fields(SamplingOptions)}
+    media = {k: options.pop(k) for k in list(options) if k not in sampling}
     settings = SamplingOptions(**options)
     started = time.perf_counter()
     peak = PeakMemory()
     try:
-        ids, embeddings = prepare(model, processor, prompt, images, num_crops, progress)
+        ids, embeddings, adapter = prepare(
+            model, processor, prompt, images, num_crops, progress, media
+        )
         cache = model.make_cache(settings.max_kv_size)
+        cache.adapter = adapter
         yield from decode(
             model, processor, ids, embeddings, cache, settings, started=started, peak=peak,
             progress=progress,
