@@ -1,0 +1,314 @@
+"""Phi-4-multimodal against the reference goldens (tests/fixtures/phi4mm, from transformers'
+Phi4MultimodalForCausalLM with its PEFT adapters): the image processor, the image embeddings,
+logits with the adapter each input mix selects, cached greedy decoding across the rope switch,
+per-row adapters in a batch, both checkpoint layouts, and prompt text to ids."""
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+import phi3v_mlx
+from phi3v_mlx.models.phi4mm import ModelConfig, load_processor
+from phi3v_mlx.models.phi4mm.adapters import using
+from phi3v_mlx.models.phi4mm.images import crop_grid
+from phi3v_mlx.models.phi4mm.model import to_slots
+from phi3v_mlx.processor import PromptError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "phi4mm"
+CHECKPOINT = FIXTURES / "models" / "tiny-phi4mm"
+STAND_IN = Path(__file__).parent / "fixtures" / "text" / "models" / "tiny-phi4-mini"
+MANIFEST = json.loads((FIXTURES / "golden" / "manifest.json").read_text())
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return phi3v_mlx.load(CHECKPOINT, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def model(loaded):
+    return loaded[0]
+
+
+def golden(case):
+    inputs = np.load(FIXTURES / "golden" / "inputs" / f"case_{case}.npz")
+    return inputs, np.load(FIXTURES / "golden" / "tiny-phi4mm" / f"case_{case}.npz")
+
+
+def media(inputs):
+    """The model's media inputs from a golden inputs file (pixels channels-last)."""
+    out = {}
+    if "image_pixel_values" in inputs.files:
+        out["pixel_values"] = mx.array(inputs["image_pixel_values"].transpose(0, 1, 3, 4, 2))
+        out["image_sizes"] = mx.array(inputs["image_sizes"])
+        out["image_attention_mask"] = mx.array(inputs["image_attention_mask"])
+    if "audio_input_features" in inputs.files:
+        out["audio_features"] = mx.array(inputs["audio_input_features"])
+        out["audio_embed_sizes"] = mx.array(inputs["audio_embed_sizes"])
+    return out
+
+
+def open_images(case):
+    return [Image.open(FIXTURES / "images" / f"{n}.png") for n in MANIFEST["cases"][case]["images"]]
+
+
+def assert_processed(out, gold):
+    np.testing.assert_array_equal(out["image_sizes"], gold["image_sizes"])
+    np.testing.assert_array_equal(out["num_img_tokens"], gold["num_img_tokens"])
+    np.testing.assert_array_equal(out["image_attention_mask"], gold["image_attention_mask"])
+    pixels = gold["image_pixel_values"].transpose(0, 1, 3, 4, 2)
+    for i, (height, width) in enumerate(gold["image_sizes"]):
+        real = 1 + (height // 448) * (width // 448)
+        np.testing.assert_allclose(out["pixel_values"][i, :real], pixels[i, :real], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["p_rgb_1000x1000_hd4", "p_rgba_520x470_hd36", "p_p_900x200_hd36"])
+def test_image_processor_matches_the_reference(loaded, name):
+    image, hd = name.rsplit("_hd", 1)
+    out = loaded[1].image_processor([Image.open(FIXTURES / "images" / f"{image}.png")], int(hd))
+    assert_processed(out, np.load(FIXTURES / "golden" / "processor" / f"{name}.npz"))
+
+
+@pytest.mark.parametrize("case", ["b", "d", "e"])
+def test_case_images_are_processed_as_the_reference(loaded, case):
+    assert_processed(loaded[1].image_processor(open_images(case)), golden(case)[0])
+
+
+def test_crop_grid_rules():
+    assert crop_grid(900, 200, 36) == (3, 1)
+    assert crop_grid(1000, 1000, 4) == (2, 2)  # (1, 1) and (2, 2) tie on shape: area decides
+    assert crop_grid(100, 100, 4) == (1, 1)
+
+
+def test_text_only_runs_the_base_decoder(model):
+    inputs, gold = golden("a")
+    assert model.adapter_key({}) is None
+    logits = np.array(model(input_ids=mx.array(inputs["input_ids"])))[0]
+    np.testing.assert_allclose(logits[-1], gold["logits"][0], **TOL)
+    top5 = np.take_along_axis(logits, gold["top5_ids"].astype(np.int64), -1)
+    np.testing.assert_allclose(top5, gold["top5_logits"], **TOL)
+
+
+def hidden_and_last_logits(model, inputs):
+    ids = inputs["input_ids"]
+    given = media(inputs)
+    with using(model.adapter_key(given)):
+        h = model.hidden(model.embed(ids, **given))
+    return np.array(h[0]), np.array(model.logits(h[:, -1:]))[0, 0]
+
+
+@pytest.mark.parametrize("case", ["b", "d", "e"])
+def test_image_cases_run_the_vision_adapter(model, case):
+    inputs, gold = golden(case)
+    given = media(inputs)
+    assert model.adapter_key(given) == "vision"
+    features = model.encode(given)
+    assert [len(f) for f in features] == inputs["num_img_tokens"].tolist()
+    np.testing.assert_allclose(mx.concatenate(features), gold["image_embeds"], **TOL)
+    ids = inputs["input_ids"][0].copy()
+    to_slots(ids, 200010, [len(f) for f in features], 0, "image")
+    with using("vision"):
+        h = model.hidden(model.merge(mx.array(ids[None]), features))
+    np.testing.assert_allclose(np.array(h[0]), gold["final_hidden"], **TOL)
+    np.testing.assert_allclose(np.array(model.logits(h[:, -1:]))[0, 0], gold["logits"][0], **TOL)
+
+
+@pytest.mark.parametrize(("case", "adapter"), [("s1", "speech"), ("s3", "vision")])
+def test_audio_cases_run_their_adapter_and_projection(model, case, adapter):
+    inputs = np.load(FIXTURES / "golden" / "inputs" / f"case_{case}.npz")
+    gold = np.load(FIXTURES / "golden" / "tiny-phi4mm" / f"case_{case}.npz")
+    assert model.adapter_key(media(inputs)) == adapter
+    h, last = hidden_and_last_logits(model, inputs)
+    np.testing.assert_allclose(h, gold["final_hidden"], **TOL)
+    np.testing.assert_allclose(last, gold["logits"][0], **TOL)
+
+
+def test_greedy_with_a_cache_across_the_rope_switch(model):
+    inputs, gold = golden("b")  # 500 prompt positions: steps 13.. run past 512 (long factors)
+    given = media(inputs)
+    cache = model.make_cache()
+    cache.adapter = model.adapter_key(given)
+    h = model.hidden(model.embed(inputs["input_ids"], **given), cache)
+    tokens = [int(mx.argmax(model.logits(h[:, -1:])[0, -1]))]
+    while len(tokens) < len(gold["greedy_tokens"]):
+        logits = model(input_ids=mx.array([tokens[-1:]]), cache=cache)  # the cache's adapter
+        tokens.append(int(mx.argmax(logits[0, -1])))
+    assert tokens == gold["greedy_tokens"].tolist()
+
+
+def test_a_cache_keeps_the_adapter_its_media_chose(model):
+    inputs = np.load(FIXTURES / "golden" / "inputs" / "case_s1.npz")
+    gold = np.load(FIXTURES / "golden" / "tiny-phi4mm" / "case_s1.npz")
+    cache = model.make_cache()
+    logits = model(input_ids=mx.array(inputs["input_ids"]), cache=cache, **media(inputs))
+    assert cache.adapter == "speech"
+    np.testing.assert_allclose(np.array(logits[0, -1]), gold["logits"][0], **TOL)
+    with pytest.raises(ValueError, match="adapter 'speech'"):
+        model(input_ids=mx.array([[1]]), cache=cache, **media(golden("d")[0]))
+
+
+@pytest.mark.parametrize("case", ["d", "s1"])
+def test_generate_runs_the_adapter_of_its_media(loaded, case):
+    model, processor = loaded
+    inputs = np.load(FIXTURES / "golden" / "inputs" / f"case_{case}.npz")
+    gold = np.load(FIXTURES / "golden" / "tiny-phi4mm" / f"case_{case}.npz")
+    clips = [
+        np.load(FIXTURES / "golden" / "audio_features" / f"{name}.npz")["waveform"]
+        for name in MANIFEST["cases"][case].get("audios", [])
+    ]
+    result = phi3v_mlx.generate(
+        model,
+        processor,
+        input_ids=inputs["input_ids"][0].tolist(),
+        images=open_images(case) or None,
+        audios=clips or None,
+        max_tokens=len(gold["greedy_tokens"]),
+        temperature=0.0,
+    )
+    assert result.tokens == gold["greedy_tokens"].tolist()
+    assert result.text == ""  # the fixture has no tokenizer: ids only
+
+
+def test_batch_rows_get_their_own_adapter(model):
+    x = mx.random.normal((1, 7, model.config.hidden_size), key=mx.random.key(0))
+    solo = {}
+    for key in ("vision", "speech"):
+        with using(key):
+            solo[key] = model.hidden(x)
+    plain = model.hidden(x)
+    with using(("speech", None, "vision")):
+        batch = model.hidden(mx.concatenate([x, x, x]))
+    for row, expected in enumerate([solo["speech"], plain, solo["vision"]]):
+        np.testing.assert_allclose(batch[row], expected[0], atol=1e-5)
+    assert float(mx.abs(solo["vision"] - plain).max()) > 0.1  # the adapters are not merged
+
+
+def remote_layout(weights):
+    """The fixture's tensors (adapters from its folders) as the Hub's remote code names them."""
+    renames = [
+        ("image_embed.global_img_feature_extensor", "image_embed.glb_GN"),
+        ("image_embed.sub_img_feature_extensor", "image_embed.sub_GN"),
+        ("image_embed.img_projection_up.", "image_embed.img_projection.0."),
+        ("image_embed.img_projection_down.", "image_embed.img_projection.2."),
+        ("audio_embed.up_proj_for_speech.", "audio_embed.audio_projection.speech.0."),
+        ("audio_embed.down_proj_for_speech.", "audio_embed.audio_projection.speech.2."),
+        ("audio_embed.up_proj_for_vision_speech.", "audio_embed.audio_projection.vision.0."),
+        ("audio_embed.down_proj_for_vision_speech.", "audio_embed.audio_projection.vision.2."),
+    ]
+    encoder = [
+        (".self_attn.q_proj.", ".self_attn.linear_q."),
+        (".feed_forward_in.gate_up_proj.", ".feed_forward_in.net.0.linear."),
+    ]
+    out = {}
+    for name, value in weights.items():
+        for old, new in renames + (encoder if "audio_embed.encoder." in name else []):
+            name = name.replace(old, new)
+        for target in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            if name.startswith("model.layers.") and name.endswith(f"{target}.weight"):
+                name = name.replace(f"{target}.weight", f"{target}.base_layer.weight")
+        out[name] = value
+    return out
+
+
+def test_remote_code_layout_loads_to_the_same_tensors(model):
+    from phi3v_mlx.loader import read_weights, weight_files
+    from phi3v_mlx.models.phi4mm import Model, extra_weights
+
+    native_config = ModelConfig.from_dict(json.loads((CHECKPOINT / "config.json").read_text()))
+    weights = {**read_weights(weight_files(CHECKPOINT)), **extra_weights(CHECKPOINT, native_config)}
+    remote = remote_layout(weights)
+    assert any(".lora_A.vision." in k for k in remote) and "glb_GN" in "".join(remote)
+    values = json.loads((CHECKPOINT / "config.json").read_text())
+    remote_config = {k: v for k, v in values.items() if k not in ("vision_config", "audio_config")}
+    remote_config.update(
+        model_type="phi4mm",
+        embd_layer={"image_embd_layer": {"crop_size": 448}, "audio_embd_layer": {}},
+        vision_lora={"r": 8, "lora_alpha": 16},
+        speech_lora={"r": 10, "lora_alpha": 20},
+        audio_processor={"config": {"attention_dim": 32, "attention_heads": 2}},
+    )
+    config = ModelConfig.from_dict(remote_config)
+    assert config.vision_lora.scale == config.speech_lora.scale == 2.0
+    assert config.audio_config.hidden_size == 32
+    # the tiny checkpoint's vision tower is not SigLIP-400M: give the remote model its size
+    config.vision_config = native_config.vision_config
+    config.audio_config = native_config.audio_config
+    from_remote = Model(config).sanitize(remote)
+    expected = model.sanitize(weights)
+    assert sorted(from_remote) == sorted(expected)
+    for name, value in expected.items():
+        assert mx.array_equal(from_remote[name], value), name
+
+
+def test_remote_config_defaults_to_siglip_400m():
+    config = ModelConfig.from_dict(
+        {**json.loads((CHECKPOINT / "config.json").read_text()), "model_type": "phi4mm"}
+        | {"embd_layer": {"image_embd_layer": {"crop_size": 448}}, "vision_config": None}
+    )
+    vision = config.vision_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.layers_used) == (1152, 27, 26)
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    """The checkpoint's processor with the stand-in Phi-4 tokenizer, the image and audio
+    placeholders added to its vocabulary and added tokens."""
+    folder = tmp_path_factory.mktemp("tiny-phi4mm")
+    for file in CHECKPOINT.glob("*.json"):
+        shutil.copy(file, folder)
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(STAND_IN / file, folder)
+    tokenizer = json.loads((STAND_IN / "tokenizer.json").read_text())
+    for token_id, content in ((200010, "<|endoftext10|>"), (200011, "<|endoftext11|>")):
+        tokenizer["model"]["vocab"][content] = token_id
+        tokenizer["added_tokens"].append(
+            {
+                "id": token_id,
+                "content": content,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }  # fmt: skip
+        )
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    return load_processor(folder, config)
+
+
+def test_prompt_text_becomes_the_reference_ids(processor):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi!"}]}]
+    prompt = processor.apply_chat_template(messages)
+    assert prompt == "<|user|><|image_1|>Hi!<|end|><|assistant|>"
+    image = Image.open(FIXTURES / "images" / "d_tiny.png")
+    out = processor(prompt, images=[image])
+    ids = np.array(out["input_ids"])[0]
+    count = int(out["num_img_tokens"][0])
+    assert (ids == -1).sum() == count == 341
+    # the reference tokenizes the prompt whole, each tag replaced by a run of placeholders
+    expected = processor.tokenizer.encode(prompt.replace("<|image_1|>", "<|endoftext10|>" * count))
+    assert np.where(ids < 0, 200010, ids).tolist() == expected
+    assert {200020, 199999} <= processor.stop_ids
+
+
+def test_id_prompts_and_tag_errors(processor):
+    inputs, _ = golden("d")
+    image = Image.open(FIXTURES / "images" / "d_tiny.png")
+    out = processor(inputs["input_ids"][0].tolist(), images=[image])
+    expected = np.where(inputs["input_ids"][0] == 200010, -1, inputs["input_ids"][0])
+    np.testing.assert_array_equal(np.array(out["input_ids"])[0], expected)
+    short = inputs["input_ids"][0].tolist()
+    short.remove(200010)
+    with pytest.raises(ValueError, match="has 340 image placeholder tokens"):
+        processor(short, images=[image])
+    with pytest.raises(PromptError, match="in order"):
+        processor("<|user|><|image_2|>x<|end|>", images=[image])
+    with pytest.raises(PromptError, match="0 audio"):
+        processor("<|user|><|audio_1|>x<|end|>")
