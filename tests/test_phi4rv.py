@@ -187,8 +187,7 @@ def test_processor_with_a_tokenizer(tmp_path):
     assert processor.tokenizer.decode(after[:3]) == "\nHi" and after[3] == special["<|im_end|>"]
 
 
-def test_shared_generate_and_chat_session_with_images(loaded, tmp_path):
-    model, _ = loaded
+def test_shared_generate_chat_session_and_batch_with_images(tmp_path):
     folder = byte_tokenizer_checkpoint(tmp_path)
     for name in (
         "model.safetensors.index.json",
@@ -196,17 +195,24 @@ def test_shared_generate_and_chat_session_with_images(loaded, tmp_path):
     ):
         (folder / name).symlink_to(CHECKPOINT / name)
     model, processor = phi3v_mlx.load(folder, dtype="float32")
-    image = open_image("c_second")
+
+    def expected(prompt: str, images: list) -> list[int]:
+        cache = model.make_cache()
+        h = model.hidden(model.embed(**processor(prompt, images=images)), cache)
+        return greedy(model, model.logits(h[:, -1:]), cache, 3)
+
+    image, pair = open_image("c_second"), [open_image("p_tiny"), open_image("c_second")]
+    turn = "<|im_start|>user<|im_sep|>{}<|im_end|>\n<|im_start|>assistant<|im_sep|>\n"
+    one, two = turn.format("<image>\nHi"), turn.format("<image><image>\nWhich?") + "<think>"
+    want = [expected(one, [image]), expected(two, pair)]
+    assert phi3v_mlx.generate(model, processor, one, images=[image], max_tokens=3).tokens == want[0]
+    requests = [{"prompt": one, "images": [image]}, {"prompt": two, "images": pair}]
+    batch = phi3v_mlx.batch_generate(model, processor, requests, max_tokens=3)
+    assert [r.tokens for r in batch] == want
+    session = phi3v_mlx.ChatSession(model, processor)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
     prompt = processor.apply_chat_template(messages)
-    inputs = processor(prompt, images=[image])
-    cache = model.make_cache()
-    h = model.hidden(model.embed(**inputs), cache)
-    want = greedy(model, model.logits(h[:, -1:]), cache, 3)
-    result = phi3v_mlx.generate(model, processor, prompt, images=[image], max_tokens=3)
-    assert result.tokens == want
-    session = phi3v_mlx.ChatSession(model, processor)
-    assert session.send("Hi", images=[image], max_tokens=3).tokens == want
+    assert session.send("Hi", images=[image], max_tokens=3).tokens == expected(prompt, [image])
 
 
 def test_checkpoint_without_tokenizer_takes_ids_only(loaded):
@@ -298,7 +304,7 @@ def test_placeholders_must_match_the_images(loaded):
     ids, media = case_inputs("c")
     with pytest.raises(MediaError, match="2 image placeholder"):
         expand_placeholders(ids, [768])
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(ValueError, match="but 0 image"):
         model(mx.array(ids[None]))
     bad = dict(media, num_image_tokens=mx.array([768, 250]))
     with pytest.raises(MediaError, match="num_image_tokens"):

@@ -52,8 +52,8 @@ def image_grids(inputs: Mapping[str, Any], patch_dim: int) -> list[tuple[int, in
     checked against the other inputs (patches of ``patch_dim`` values)."""
     shapes = inputs.get("spatial_shapes")
     shapes = inputs.get("image_sizes") if shapes is None else shapes
-    if shapes is None or inputs.get("pixel_values") is None:
-        raise MediaError("image inputs need pixel_values and spatial_shapes")
+    if shapes is None:
+        raise MediaError("pixel_values given without spatial_shapes")
     shapes = np.asarray(shapes).reshape(-1, 2)
     grids = [(int(r), int(c)) for r, c in shapes.tolist()]
     counts = [r * c for r, c in grids]
@@ -118,7 +118,9 @@ class Model(DecoderModel):
         self, inputs: Mapping[str, Any], between_batches: Callable[[], None] | None = None
     ) -> list[mx.array]:
         """Per image, the projected features [rows * columns, hidden] that fill its slots, from
-        the processor's outputs (checked against each other)."""
+        the processor's outputs (checked against each other; none without ``pixel_values``)."""
+        if inputs.get("pixel_values") is None:
+            return []
         grids = image_grids(inputs, self.config.vision_config.patch_dim)
         return self.encode_images(inputs["pixel_values"], grids, between_batches)
 
@@ -154,13 +156,9 @@ class Model(DecoderModel):
     def embed(self, input_ids: Any, **media: Any) -> mx.array:
         """Input embeddings [1, T, hidden] of a prompt and its processor's image inputs; each
         -200 placeholder is expanded to its image's slots first."""
-        ids = np.asarray(input_ids).reshape(-1)
-        if all(value is None for value in media.values()):
-            if np.any(ids == IMAGE_PLACEHOLDER):
-                raise MediaError("the prompt has image placeholders (-200) but no images")
-            return self.merge(ids, [])
         features = self.encode(media)
-        return self.merge(expand_placeholders(ids, [len(f) for f in features]), features)
+        ids = expand_placeholders(input_ids, [len(f) for f in features])
+        return self.merge(ids, features)
 
     def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
         """Tensors of a checkpoint (official or this package's names) under this model's names;
