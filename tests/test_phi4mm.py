@@ -216,7 +216,7 @@ def remote_layout(weights):
     return out
 
 
-def test_remote_code_layout_loads_to_the_same_tensors(model):
+def test_both_layouts_and_our_own_load_to_the_same_tensors(model):
     from phi3v_mlx.loader import read_weights, weight_files
     from phi3v_mlx.models.phi4mm import Model, extra_weights
 
@@ -239,11 +239,19 @@ def test_remote_code_layout_loads_to_the_same_tensors(model):
     # the tiny checkpoint's vision tower is not SigLIP-400M: give the remote model its size
     config.vision_config = native_config.vision_config
     config.audio_config = native_config.audio_config
-    from_remote = Model(config).sanitize(remote)
     expected = model.sanitize(weights)
-    assert sorted(from_remote) == sorted(expected)
-    for name, value in expected.items():
-        assert mx.array_equal(from_remote[name], value), name
+    written = model.official_weights(weights)  # what the converter saves
+    assert any(".lora_B.speech." in k for k in written)
+    assert all(k.startswith("model.") for k in written)
+    for tensors in (Model(config).sanitize(remote), model.sanitize(written)):
+        assert sorted(tensors) == sorted(expected)
+        for name, value in expected.items():
+            assert mx.array_equal(tensors[name], value), name
+
+
+def test_an_mlx_vlm_conversion_is_refused_in_one_line(model):
+    with pytest.raises(ValueError, match="mlx-vlm's conversion"):
+        model.sanitize({"language_model.model.norm.weight": mx.ones(64)})
 
 
 def test_remote_config_defaults_to_siglip_400m():

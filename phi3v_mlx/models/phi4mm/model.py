@@ -23,6 +23,7 @@ from .vision import ImageEmbedding
 
 IMAGE_PREFIX = "model.embed_tokens_extend.image_embed."
 OWN_PREFIXES = ("language.", "image_embed.", "audio_embed.")
+MLX_VLM_PREFIXES = ("language_model.", "vision_tower.", "mm_projector.")
 # Remote-code names of the image embedding -> native names.
 IMAGE_RENAMES = (
     ("glb_GN", "global_img_feature_extensor"),
@@ -221,10 +222,21 @@ class Model(DecoderModel):
             return "model." + name[len("language.") :]
         return name
 
+    def official_weights(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+        """A checkpoint's tensors (either layout) in the layout this package writes: native
+        names, the adapters inside the decoder as the remote code names them, MLX layouts."""
+        return {self.official_name(name): value for name, value in self.sanitize(weights).items()}
+
     def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
         """Tensors of a checkpoint (native, remote-code or this package's names, adapters from
         the PEFT folders under remote-code names) under this model's names and layouts; tensors
         the model never uses are left out."""
+        if any(name.startswith(MLX_VLM_PREFIXES) for name in weights):
+            raise ValueError(
+                "this is mlx-vlm's conversion of Phi-4-multimodal: it merged the vision adapter "
+                "into the decoder and dropped the image separators (glb_GN, sub_GN), so the "
+                "reference's computation cannot run from it; convert the Hub checkpoint instead"
+            )
         out = {}
         if "audio_embed" in self:
             audio = conformer.sanitize(weights)
