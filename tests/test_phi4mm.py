@@ -306,6 +306,22 @@ def test_prompt_text_becomes_the_reference_ids(processor):
     assert {200020, 199999} <= processor.stop_ids
 
 
+def test_image_and_audio_tags_become_their_slots(processor):
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "audio"}, {"type": "image"}, {"type": "text", "text": "?"}],
+        }
+    ]
+    prompt = processor.apply_chat_template(messages)
+    assert prompt.startswith("<|user|><|audio_1|><|image_1|>?")
+    image = Image.open(FIXTURES / "images" / "d_tiny.png")
+    out = processor(prompt, images=image, audios=FIXTURES / "audio" / "speech16k_1p0s.wav")
+    ids = np.array(out["input_ids"])[0]
+    assert ids[0] == 200021 and (ids[1:14] == -2).all() and (ids[14:355] == -1).all()
+    assert out["audio_embed_sizes"].tolist() == [13] and out["audio_attention_mask"] is None
+
+
 def test_id_prompts_and_tag_errors(processor):
     inputs, _ = golden("d")
     image = Image.open(FIXTURES / "images" / "d_tiny.png")
