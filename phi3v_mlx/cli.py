@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from . import __version__  # noqa: E402
 from .backend import cpu_advice  # noqa: E402
+from .distributed import broadcast_text, launch_group  # noqa: E402
 from .generate import (  # noqa: E402
     GenerationChunk,
     GenerationResult,
@@ -207,10 +208,25 @@ def _processor(
     return path, processor
 
 
-def _weights(path: Path, dtype: str | None, adapter_path: Path | None = None) -> DecoderModel:
-    """The model's weights, with a fine-tuned adapter on them if given."""
+def _ranks() -> tuple[Any, bool]:
+    """The group of an ``mlx.launch`` run (None alone), over whose ranks the model is split, and
+    whether this is its first rank: the others follow it and print nothing on stdout."""
+    group = launch_group()
+    first = group is None or group.rank() == 0
+    if not first:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
+    return group, first
+
+
+def _weights(
+    path: Path, dtype: str | None, adapter_path: Path | None = None, group: Any = None
+) -> DecoderModel:
+    """The model's weights, with a fine-tuned adapter on them if given, split across the ranks
+    of ``group`` if given."""
+    if group is not None and adapter_path is not None:
+        raise ValueError("a model split across ranks takes no --adapter-path: fuse it first")
     with _bars() as bar:
-        model = load_model(path, dtype, progress=bar("Loading weights"))
+        model = load_model(path, dtype, progress=bar("Loading weights"), group=group)
     if adapter_path is not None:
         from .lora import load_adapter
 
@@ -250,9 +266,12 @@ def generate(
     """Answer one prompt about images, streamed to stdout."""
     options = _options(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed,
                        kv_bits=kv_bits, max_kv_size=max_kv_size)  # fmt: skip
+    group, first = _ranks()
+    if group is not None and prompt == "-":
+        raise ValueError("under mlx.launch the prompt cannot come from stdin: give it in --prompt")
     text = sys.stdin.read() if prompt == "-" else prompt
     images = _check_images(list(image or []))
-    path, processor = _processor(model, dtype, num_crops)
+    path, processor = _processor(model, dtype, num_crops, quiet=not first)
     messages = [{"role": "system", "content": system}] if system else []
     if IMAGE_TAG.search(text):  # the user placed the images: keep their tags, add none
         messages.append({"role": "user", "content": text})
@@ -262,7 +281,7 @@ def generate(
     chat_prompt = processor.apply_chat_template(messages)
     crops = processor.crops(num_crops)
     processor.tokenize(chat_prompt, [processor.image_tokens(im, crops) for im in images])
-    loaded_model = _weights(path, dtype, adapter_path)
+    loaded_model = _weights(path, dtype, adapter_path, group)
     with Interrupt() as interrupt, _bars() as bar:
         chunks = stream_generate(
             loaded_model, processor, chat_prompt, images=images or None, num_crops=num_crops,
@@ -275,7 +294,7 @@ def generate(
     if interrupt.requested:
         typer.echo("(stopped)", err=True)
         raise typer.Exit(130)
-    if verbose and result is not None:
+    if verbose and result is not None and first:
         typer.echo(summary(result), err=True)
 
 
@@ -313,8 +332,9 @@ def chat(
     pending = list(image or [])
     _check_images(pending)
     interactive = sys.stdin.isatty()
-    path, processor = _processor(model, dtype, num_crops)
-    loaded_model = _weights(path, dtype, adapter_path)
+    group, first = _ranks()
+    path, processor = _processor(model, dtype, num_crops, quiet=not first)
+    loaded_model = _weights(path, dtype, adapter_path, group)
     session = ChatSession(loaded_model, processor, system=system)
     failed = False
     if interactive:
@@ -327,10 +347,12 @@ def chat(
 
     while True:
         try:
-            line = _read_line(interactive)
+            line = _read_line(interactive) if first else None
         except KeyboardInterrupt:
             typer.echo("\n(/exit or Ctrl-D to leave)", err=True)
             continue
+        if group is not None:  # the first rank reads, the others hear its line
+            line = broadcast_text(line, group)
         if line is None:
             break
         stripped = line.strip()
@@ -483,6 +505,8 @@ def serve(
     from .server import ServerSettings
     from .server import serve as run
 
+    if launch_group() is not None:
+        raise ValueError("phi3v serve runs in one process: under mlx.launch use generate or chat")
     if media_dir is not None and not media_dir.is_dir():
         raise ValueError(f"--media-dir {media_dir} is not a folder")
     if batch_size < 1 or queue_size < 0 or max_images < 0 or max_tokens < 1:
