@@ -86,6 +86,18 @@ def test_crop_grid_rules():
     assert crop_grid(100, 100, 4) == (1, 1)
 
 
+def test_preprocess_and_encode_images_as_shared_code_calls_them(loaded):
+    model, processor = loaded
+    inputs, gold = golden("e")
+    assert processor.crops(None) == 36
+    pre = processor.preprocess(open_images("e"))
+    assert pre.num_tokens == inputs["num_img_tokens"].tolist()
+    features = model.encode_images(pre.pixel_values, pre.image_sizes)
+    np.testing.assert_allclose(mx.concatenate(features), gold["image_embeds"], **TOL)
+    with pytest.raises(ValueError, match="placement"):
+        model.encode_images(pre.pixel_values, [size[:2] for size in pre.image_sizes])
+
+
 def test_text_only_runs_the_base_decoder(model):
     inputs, gold = golden("a")
     assert model.adapter_key({}) is None

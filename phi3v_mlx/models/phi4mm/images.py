@@ -84,14 +84,33 @@ def hd_layout(
         raise ImageError(
             f"a {width}x{height} image is too elongated: it would be resized to {new_w}x{new_h}"
         )
-    grid = crop // patch
-    mask = np.ones((grid * down, grid * across), dtype=np.int64)
-    pad_w, pad_h = target_w - new_w, target_h - new_h
+    return HDLayout(
+        across, down, new_w, new_h, canvas_mask(target_h, target_w, new_h, new_w, patch)
+    )
+
+
+def canvas_mask(
+    height: int, width: int, used_height: int, used_width: int, patch: int = PATCH
+) -> np.ndarray:
+    """The patch mask [height / patch, width / patch] of an HD canvas whose top-left
+    ``used_height`` x ``used_width`` pixels hold the image: the last whole patches of padding
+    (floor(padding / patch) columns and rows) are 0."""
+    mask = np.ones((height // patch, width // patch), dtype=np.int64)
+    pad_w, pad_h = width - used_width, height - used_height
     if pad_w >= patch:
         mask[:, mask.shape[1] - pad_w // patch :] = 0
     if pad_h >= patch:
         mask[mask.shape[0] - pad_h // patch :, :] = 0
-    return HDLayout(across, down, new_w, new_h, mask)
+    return mask
+
+
+def crop_masks(mask: np.ndarray, crop: int = CROP, patch: int = PATCH) -> np.ndarray:
+    """Per-crop patch masks [1 + tiles, g, g] of a canvas mask: the global view (all valid),
+    then each tile row-major."""
+    g = crop // patch
+    down, across = mask.shape[0] // g, mask.shape[1] // g
+    tiles = mask.reshape(down, g, across, g).transpose(0, 2, 1, 3).reshape(-1, g, g)
+    return np.concatenate([np.ones((1, g, g), np.int64), tiles])
 
 
 def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -144,6 +163,16 @@ def global_view(hd: np.ndarray, size: int = CROP) -> np.ndarray:
     rows, cols = _cubic_weights(hd.shape[0], size), _cubic_weights(hd.shape[1], size)
     out = np.einsum("oh,hwc,pw->opc", rows, hd.astype(np.float64), cols, optimize=True)
     return out.astype(np.float32)
+
+
+@dataclass
+class ImageInputs:
+    """Crops of all images (each image's global view, then its tiles; no padding crops) and per
+    image its canvas and placement (height, width, used height, used width) and prompt slots."""
+
+    pixel_values: np.ndarray  # [crops, s, s, 3] float32
+    image_sizes: list[tuple[int, int, int, int]]
+    num_tokens: list[int]
 
 
 class ImageProcessor:
@@ -200,11 +229,26 @@ class ImageProcessor:
         tiles = hd.reshape(layout.down, s, layout.across, s, 3).transpose(0, 2, 1, 3, 4)
         return np.concatenate([global_view(hd, s)[None], tiles.reshape(-1, s, s, 3)])
 
-    def _masks(self, layout: HDLayout) -> np.ndarray:
-        """The per-patch masks of the global view (all valid) and of each tile."""
-        g = self.crop // self.patch
-        tiles = layout.mask.reshape(layout.down, g, layout.across, g).transpose(0, 2, 1, 3)
-        return np.concatenate([np.ones((1, g, g), np.int64), tiles.reshape(-1, g, g)])
+    def preprocess(
+        self,
+        images: Sequence[ImageInput],
+        dynamic_hd: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> ImageInputs:
+        """The crops of all images in one run, each image's global view then its tiles, and per
+        image its canvas and placement ``(height, width, used height, used width)``, from which
+        :func:`canvas_mask` rebuilds its patch mask."""
+        dynamic_hd = self.check_dynamic_hd(dynamic_hd)
+        crops, sizes, counts = [], [], []
+        for i, source in enumerate(images):
+            image = load_image(source, i, max_pixels)
+            layout = hd_layout(*image.size, dynamic_hd, self.crop, self.patch)
+            crops.append(self._crops(image, layout))
+            canvas = (self.crop * layout.down, self.crop * layout.across)
+            sizes.append((*canvas, layout.height, layout.width))
+            counts.append(layout.num_tokens)
+        empty = np.zeros((0, self.crop, self.crop, 3), np.float32)
+        return ImageInputs(np.concatenate(crops) if crops else empty, sizes, counts)
 
     def __call__(
         self,
@@ -216,25 +260,22 @@ class ImageProcessor:
         zero crops up to the largest count), ``image_sizes`` [n, 2] (height, width of each HD
         canvas), ``image_attention_mask`` [n, crops, s/14, s/14] (padding crops all valid) and
         ``num_img_tokens`` [n]."""
-        dynamic_hd = self.check_dynamic_hd(dynamic_hd)
-        crops, masks, sizes, counts = [], [], [], []
-        for i, source in enumerate(images):
-            image = load_image(source, i, max_pixels)
-            layout = hd_layout(*image.size, dynamic_hd, self.crop, self.patch)
-            crops.append(self._crops(image, layout))
-            masks.append(self._masks(layout))
-            sizes.append((self.crop * layout.down, self.crop * layout.across))
-            counts.append(layout.num_tokens)
-        most = max((len(c) for c in crops), default=0)
+        pre = self.preprocess(images, dynamic_hd, max_pixels)
         g = self.crop // self.patch
-        pixels = np.zeros((len(crops), most, self.crop, self.crop, 3), np.float32)
-        mask = np.ones((len(crops), most, g, g), np.int64)
-        for i, (c, m) in enumerate(zip(crops, masks, strict=True)):
-            pixels[i, : len(c)] = c
-            mask[i, : len(m)] = m
+        counts = [1 + (h // self.crop) * (w // self.crop) for h, w, _, _ in pre.image_sizes]
+        most = max(counts, default=0)
+        pixels = np.zeros((len(counts), most, self.crop, self.crop, 3), np.float32)
+        mask = np.ones((len(counts), most, g, g), np.int64)
+        start = 0
+        for i, (count, size) in enumerate(zip(counts, pre.image_sizes, strict=True)):
+            pixels[i, :count] = pre.pixel_values[start : start + count]
+            mask[i, :count] = crop_masks(canvas_mask(*size, self.patch), self.crop, self.patch)
+            start += count
         return {
             "pixel_values": pixels,
-            "image_sizes": np.asarray(sizes, np.int64).reshape(-1, 2),
+            "image_sizes": np.asarray([size[:2] for size in pre.image_sizes], np.int64).reshape(
+                -1, 2
+            ),
             "image_attention_mask": mask,
-            "num_img_tokens": np.asarray(counts, np.int64),
+            "num_img_tokens": np.asarray(pre.num_tokens, np.int64),
         }

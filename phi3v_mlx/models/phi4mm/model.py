@@ -19,6 +19,7 @@ from . import conformer
 from .adapters import ADAPTERS, attach, using
 from .config import ModelConfig
 from .conformer import AudioEmbedding
+from .images import canvas_mask, crop_masks
 from .vision import ImageEmbedding
 
 IMAGE_PREFIX = "model.embed_tokens_extend.image_embed."
@@ -144,6 +145,29 @@ class Model(DecoderModel):
                 progress=progress,
             )
         return features
+
+    def encode_images(
+        self,
+        pixel_values: Any,
+        image_sizes: Any,
+        between_batches: Callable[[], None] | None = None,
+    ) -> list[mx.array]:
+        """Per image, the embeddings that fill its slots, from the processor's ``preprocess``:
+        the crops of all images in one run and, per image, its canvas and placement (height,
+        width, used height, used width), which give its patch masks."""
+        sizes = np.asarray(image_sizes).reshape(len(image_sizes), -1)
+        if sizes.shape[1] != 4:
+            raise ValueError(
+                "image_sizes must give each image's canvas and placement (height, width, used "
+                "height, used width), as the processor's preprocess does"
+            )
+        vision = self.config.vision_config
+        crop, patch = vision.crop_size, vision.patch_size
+        grids = [(int(h) // crop, int(w) // crop) for h, w, _, _ in sizes.tolist()]
+        masks = np.concatenate(
+            [crop_masks(canvas_mask(*map(int, s), patch), crop, patch) for s in sizes]
+        )
+        return self.image_embed.embed_crops(mx.array(pixel_values), grids, masks, between_batches)
 
     def embed(self, input_ids: Any, **inputs: Any) -> mx.array:
         """Input embeddings [1, T, hidden] of a prompt (placeholder or slot ids) and its media."""

@@ -26,7 +26,7 @@ from ...processor import (
 from .audio import SAMPLE_RATE, AudioInput
 from .config import ModelConfig
 from .features import AudioFeatureExtractor, FeatureConfig, audio_embed_size, num_frames
-from .images import ImageProcessor
+from .images import ImageInputs, ImageProcessor
 from .model import to_slots
 
 TAG = re.compile(r"<\|(image|audio)_(\d+)\|>")
@@ -73,8 +73,24 @@ class Processor:
         """Decoded RGB images, numbered from ``first`` in errors."""
         return [load_image(source, first + i, self.max_pixels) for i, source in enumerate(images)]
 
+    def crops(self, num_crops: int | None) -> int:
+        """The bound on crops per image (``dynamic_hd``) checked, the checkpoint's if None."""
+        return self.image_processor.check_dynamic_hd(num_crops)
+
+    def image_tokens(self, image: Image.Image, num_crops: int | None = None) -> int:
+        """Prompt slots of a loaded image, from its size alone (no pixel work)."""
+        return self.image_processor.image_tokens(image, num_crops)
+
+    def preprocess(self, images: Sequence[ImageInput], num_crops: int | None = None) -> ImageInputs:
+        """Images to the inputs of :meth:`Model.encode_images`: the crops of all images in one
+        run and each image's canvas and placement."""
+        return self.image_processor.preprocess(images, num_crops, self.max_pixels)
+
     def tokenize(
-        self, prompt: str | Sequence[int], image_tokens: Sequence[int], audio_tokens: Sequence[int]
+        self,
+        prompt: str | Sequence[int],
+        image_tokens: Sequence[int],
+        audio_tokens: Sequence[int] = (),
     ) -> list[int]:
         """Prompt ids with slots: a text prompt's k-th image (audio) tag must be
         ``<|image_k|>`` (``<|audio_k|>``) and becomes the k-th item's run of slots; an id prompt

@@ -156,7 +156,7 @@ class ImageEmbedding(nn.Module):
                 between_batches()
         return mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
-    def arrange(self, pooled: mx.array, mask: np.ndarray | None, rows: int, cols: int) -> mx.array:
+    def arrange(self, pooled: mx.array, mask: np.ndarray, rows: int, cols: int) -> mx.array:
         """One image's pooled crops (global first) as the reference lays them out: the HD grid's
         useful rows each followed by the sub separator, the global separator, then the global
         view's rows each followed by the sub separator."""
@@ -171,14 +171,40 @@ class ImageEmbedding(nn.Module):
 
         sub = pooled[1 : 1 + rows * cols].reshape(rows, cols, half, half, dims)
         sub = sub.transpose(0, 2, 1, 3, 4).reshape(rows * half, cols * half, dims)
-        if mask is not None:
-            kept = mask[1 : 1 + rows * cols, ::2, ::2].reshape(rows, cols, half, half)
-            kept = kept.transpose(0, 2, 1, 3).reshape(rows * half, cols * half)
-            sub = sub[: int(kept[:, 0].sum()), : int(kept[0, :].sum())]
+        kept = mask[1 : 1 + rows * cols, ::2, ::2].reshape(rows, cols, half, half)
+        kept = kept.transpose(0, 2, 1, 3).reshape(rows * half, cols * half)
+        sub = sub[: int(kept[:, 0].sum()), : int(kept[0, :].sum())]
         glb_gn = self.global_img_feature_extensor.reshape(1, dims).astype(pooled.dtype)
         return mx.concatenate(
             [with_row_separators(sub), glb_gn, with_row_separators(pooled[0])], axis=0
         )
+
+    def embed_crops(
+        self,
+        crops: mx.array,
+        grids: list[tuple[int, int]],
+        masks: np.ndarray | None = None,
+        between_batches: Callable[[], None] | None = None,
+    ) -> list[mx.array]:
+        """Per image, its projected embeddings [num_img_tokens, hidden], from the crops of all
+        images [sum of 1 + rows * cols, s, s, 3] (each image's global view, then its tiles
+        row-major), each image's grid (rows, cols) and the crops' patch masks [.., g, g] (None:
+        every patch valid)."""
+        counts = [1 + rows * cols for rows, cols in grids]
+        if sum(counts) != crops.shape[0]:
+            raise ValueError(f"{crops.shape[0]} crops given but the image grids need {sum(counts)}")
+        if masks is None:
+            masks = np.ones((crops.shape[0], self.grid, self.grid), np.int64)
+        pooled = self.crop_features(crops, masks, between_batches)
+        arranged, start = [], 0
+        for (rows, cols), count in zip(grids, counts, strict=True):
+            part = slice(start, start + count)
+            arranged.append(self.arrange(pooled[part], masks[part], rows, cols))
+            start += count
+        x = mx.concatenate(arranged, axis=0)
+        projected = self.img_projection_down(nn.gelu(self.img_projection_up(x)))
+        bounds = np.cumsum([len(a) for a in arranged])[:-1].tolist()
+        return mx.split(projected, bounds) if bounds else [projected]
 
     def __call__(
         self,
@@ -187,24 +213,17 @@ class ImageEmbedding(nn.Module):
         image_attention_mask: np.ndarray | None = None,
         between_batches: Callable[[], None] | None = None,
     ) -> list[mx.array]:
-        """Per image, its projected embeddings [num_img_tokens, hidden].
-
-        ``pixel_values`` [n, crops, s, s, 3] (one image: [crops, s, s, 3] too),
+        """Per image, its projected embeddings [num_img_tokens, hidden], from the processor's
+        padded batch: ``pixel_values`` [n, crops, s, s, 3] (one image: [crops, s, s, 3] too),
         ``image_sizes`` [n, 2] the (height, width) of each HD canvas, ``image_attention_mask``
         [n, crops, g, g] the patch masks (None: every patch valid); only each image's real
-        1 + rows * cols crops are run.
-        """
+        1 + rows * cols crops are run."""
         if pixel_values.ndim == 4:
             pixel_values = pixel_values[None]
         sizes = np.asarray(image_sizes).reshape(-1, 2)
         n, crops = pixel_values.shape[:2]
         if len(sizes) != n:
             raise ValueError(f"pixel_values holds {n} image(s) but image_sizes {len(sizes)}")
-        g = self.grid
-        if image_attention_mask is None:
-            masks = None
-        else:
-            masks = np.asarray(image_attention_mask).reshape(n, crops, g, g)
         grids = [(int(h) // self.crop, int(w) // self.crop) for h, w in sizes.tolist()]
         real = [1 + rows * cols for rows, cols in grids]
         if max(real) > crops:
@@ -214,18 +233,8 @@ class ImageEmbedding(nn.Module):
             )
         chosen = np.concatenate([i * crops + np.arange(k) for i, k in enumerate(real)])
         flat = pixel_values.reshape(n * crops, *pixel_values.shape[2:])[mx.array(chosen)]
-        flat_masks = (
-            np.ones((len(chosen), g, g), np.int64)
-            if masks is None
-            else masks.reshape(n * crops, g, g)[chosen]
-        )
-        pooled = self.crop_features(flat, flat_masks, between_batches)
-        arranged, start = [], 0
-        for i, ((rows, cols), count) in enumerate(zip(grids, real, strict=True)):
-            mask = None if masks is None else masks[i]
-            arranged.append(self.arrange(pooled[start : start + count], mask, rows, cols))
-            start += count
-        x = mx.concatenate(arranged, axis=0)
-        projected = self.img_projection_down(nn.gelu(self.img_projection_up(x)))
-        bounds = np.cumsum([len(a) for a in arranged])[:-1].tolist()
-        return mx.split(projected, bounds) if bounds else [projected]
+        masks = None
+        if image_attention_mask is not None:
+            g = self.grid
+            masks = np.asarray(image_attention_mask).reshape(n * crops, g, g)[chosen]
+        return self.embed_crops(flat, grids, masks, between_batches)
