@@ -10,9 +10,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.models.cache import BatchKVCache
 from PIL import Image
 
 import phi3v_mlx
+from phi3v_mlx.cache import RopeState
 from phi3v_mlx.models.phi4mm import ModelConfig, load_processor
 from phi3v_mlx.models.phi4mm.adapters import using
 from phi3v_mlx.models.phi4mm.images import crop_grid
@@ -199,6 +201,30 @@ def test_batch_rows_get_their_own_adapter(model):
     for row, expected in enumerate([solo["speech"], plain, solo["vision"]]):
         np.testing.assert_allclose(batch[row], expected[0], atol=1e-5)
     assert float(mx.abs(solo["vision"] - plain).max()) > 0.1  # the adapters are not merged
+
+
+def test_a_batch_step_runs_each_row_with_its_adapter(model):
+    rng = np.random.default_rng(5)
+    rows = [(rng.integers(1000, 9000, n).astype(np.int32), key)
+            for n, key in ((512, "vision"), (40, None), (75, "speech"))]  # fmt: skip
+    caches = []
+    for ids, key in rows:
+        cache = model.make_cache()
+        cache.adapter = key
+        model.hidden(model.embed_tokens(mx.array(ids[None])), cache)
+        caches.append(cache)
+    batch = [BatchKVCache.merge([c[i] for c in caches]) for i in range(len(model.layers))]
+    batch.append(RopeState.merge([c.rope for c in caches]))
+    step = mx.array([[7], [11], [13]])
+    logits = np.array(model.batch_logits(model.embed_tokens(step), batch))  # row 0 passes 512
+    for row, (ids, key) in enumerate(rows):
+        with using(key):
+            h = model.hidden(
+                model.embed_tokens(mx.array(np.append(ids, step[row, 0].item())[None]))
+            )
+        np.testing.assert_allclose(
+            logits[row, 0], np.array(model.logits(h[:, -1:]))[0, 0], atol=1e-4
+        )
 
 
 def remote_layout(weights):
