@@ -27,7 +27,7 @@ def worker(checkpoint: Path, checkpointing: bool, text: bool) -> dict:
     import mlx.optimizers as optim
 
     import phi3v_mlx
-    from phi3v_mlx import lora
+    from phi3v_mlx import adapters, lora
 
     model, processor = phi3v_mlx.load(checkpoint)
     folder = Path(tempfile.mkdtemp())
@@ -56,7 +56,7 @@ def worker(checkpoint: Path, checkpointing: bool, text: bool) -> dict:
         }
     (folder / "train.jsonl").write_text(json.dumps(row) + "\n")
     examples, images = lora.load_dataset(folder / "train.jsonl", processor, 4, 4096)
-    lora.add_adapters(model, lora.AdapterSettings())
+    adapters.add_adapters(model, adapters.AdapterSettings())
     features = lora.encode_dataset_images(model, processor, images)
     batch = lora._batch(model, examples, features)
     optimizer = optim.Adam(learning_rate=1e-5, bias_correction=True)

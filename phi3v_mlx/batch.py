@@ -71,13 +71,16 @@ def as_request(item: RequestLike) -> Request:
 class RowEvent:
     """What a step did for one row: new answer text, and when it ended its result (or error).
 
-    ``cache`` is the row's cache when it ended and keeping it was asked for.
+    ``fault`` tells an error that is not the request's (its own work raised something other
+    than a ``ValueError``). ``cache`` is the row's cache when it ended and keeping it was asked
+    for.
     """
 
     row: int
     text: str = ""
     result: GenerationResult | None = None
     error: str | None = None
+    fault: bool = False
     cache: PromptCache | None = None
 
 
@@ -312,15 +315,14 @@ class BatchEngine:
             row.peak = PeakMemory()
             try:
                 images = self._prepare(row)
-                missing = self._known_features(row, images)
+                missing = self._fill_known_features(row, images)
                 if missing:
                     pixels = self.processor.preprocess([images[k] for k in missing],
                                                        row.request.num_crops)  # fmt: skip
                     crops.append(pixels.pixel_values)
                     sizes.extend(pixels.image_sizes)
-            except ValueError as e:
-                events.append(RowEvent(row.index, error=str(e)))
-                self._release(row)
+            except Exception as e:
+                self._fail(row, e, events)
                 continue
             admitted.append((row, missing))
         encoded = iter(self.model.encode_images(np.concatenate(crops), sizes) if sizes else [])
@@ -329,12 +331,26 @@ class BatchEngine:
                 row.features[k] = next(encoded)
                 if self.features is not None and row.image_keys:
                     self.features.put(row.image_keys[k], row.features[k])
-            row.embeddings = self.model.merge(mx.array([row.ids]), row.features, start=row.prefix)
-            row.features = []
-            row.reading = read_prompt(self.model, row.embeddings, row.cache, row.options)
+            try:
+                row.embeddings = self.model.merge(
+                    mx.array([row.ids]), row.features, start=row.prefix
+                )
+                row.reading = read_prompt(self.model, row.embeddings, row.cache, row.options)
+            except Exception as e:
+                self._fail(row, e, events)
+                continue
+            finally:
+                row.features = []
             row.answer = AnswerText(self.processor)
             row.stops = StopStrings(row.request.stop)
             self._reading.append(row)
+
+    def _fail(self, row: _Row, error: Exception, events: list[RowEvent]) -> None:
+        """End a row whose own work raised: a ValueError is the request's, anything else a
+        fault; the other rows go on."""
+        events.append(RowEvent(row.index, error=str(error) or type(error).__name__,
+                               fault=not isinstance(error, ValueError)))  # fmt: skip
+        self._release(row)
 
     def _prepare(self, row: _Row) -> list[Any]:
         """Set the row's prompt ids and cache (trimmed to the reusable prefix) and return its
@@ -352,6 +368,7 @@ class BatchEngine:
             if not row.ids:
                 raise ValueError("the prompt is empty")
             self.processor.check_length(len(row.ids))
+            check_slots(row.ids, [self.processor.image_tokens(image, crops) for image in images])
         if row.cache is not None:
             row.prefix = min(row.prefix, len(row.ids) - 1)
             if not row.cache.trim_to(row.prefix):
@@ -360,7 +377,7 @@ class BatchEngine:
             row.cache, row.prefix = self.model.make_cache(), 0
         return images
 
-    def _known_features(self, row: _Row, images: list[Any]) -> list[int]:
+    def _fill_known_features(self, row: _Row, images: list[Any]) -> list[int]:
         """Fill the row's image features from the feature store; the images it still needs
         encoded (an image whose slots all lie in the reused prefix is not needed)."""
         row.features = [None] * len(images)
@@ -377,28 +394,24 @@ class BatchEngine:
 
     def _read(self, row: _Row, events: list[RowEvent]) -> None:
         """Read one chunk of a row's prompt; after its last, draw the row's first token as
-        ``generate()`` does and let it join the decoding rows."""
-        done = next(row.reading, None)
-        if done is not None:
-            row.done = done
+        ``generate()`` does and let it join the decoding rows. A row whose reading raises
+        ends with its error."""
+        try:
+            done = next(row.reading, None)
+            if done is not None:
+                row.done = done
+                return
+            self._reading.popleft()
+            token = self._first_token(row) if row.options.max_tokens else None
+        except Exception as e:
+            if self._reading and self._reading[0] is row:
+                self._reading.popleft()
+            self._fail(row, e, events)
             return
-        self._reading.popleft()
-        if row.options.max_tokens == 0:
+        if token is None:
             self._finish(row, "length", events)
             return
-        tail = row.embeddings[:, row.done :]
-        logits = self.model.logits(self.model.hidden(tail, row.cache)[:, -1:])[:, -1, :]
-        read = row.ids[row.prefix :]
-        self.stats.prompt_tokens += len(read)
-        row.processors = make_logits_processors(row.options, before=read[: row.done])
-        context = mx.array(np.maximum(read[row.done :], 0), dtype=mx.int32)
-        for process in row.processors:
-            logits = process(context, logits)
-        row.sampler = make_sampler(row.options)
-        token = int(row.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).item())
-        row.first_token_at = time.perf_counter()
-        row.embeddings = row.reading = None
-        if self._show(row, token, events):
+        if self._show_or_finish(row, token, events):
             return
         if row.options.max_tokens == 1:
             self._finish(row, "length", events)
@@ -407,12 +420,28 @@ class BatchEngine:
             [[token]],
             max_tokens=[row.options.max_tokens - 1],
             caches=[[*row.cache, row.cache.rope]],
-            all_tokens=[np.maximum(read, 0).tolist()],
+            all_tokens=[np.maximum(row.ids, 0).tolist()],
             samplers=[row.sampler],
             logits_processors=[row.processors],
         )
         row.uid, row.cache = uid, None  # the generator merges it into the batch's cache
         self._decoding[uid] = row
+
+    def _first_token(self, row: _Row) -> int:
+        """Read the last chunk of a row's prompt and draw its first token."""
+        tail = row.embeddings[:, row.done :]
+        logits = self.model.logits(self.model.hidden(tail, row.cache)[:, -1:])[:, -1, :]
+        self.stats.prompt_tokens += len(row.ids) - row.prefix
+        seen = row.prefix + row.done  # the positions the cache held before this forward
+        row.processors = make_logits_processors(row.options, before=row.ids[:seen])
+        context = mx.array(np.maximum(row.ids[seen:], 0), dtype=mx.int32)
+        for process in row.processors:
+            logits = process(context, logits)
+        row.sampler = make_sampler(row.options)
+        token = int(row.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).item())
+        row.first_token_at = time.perf_counter()
+        row.embeddings = row.reading = None
+        return token
 
     def _decode(self, events: list[RowEvent]) -> int:
         """One decoding step of every decoding row; returns the tokens it produced."""
@@ -426,7 +455,7 @@ class BatchEngine:
                 if row.keep_cache:
                     *layers, rope = response.prompt_cache
                     row.cache = PromptCache(layers, rope)
-            if self._show(row, response.token, events):
+            if self._show_or_finish(row, response.token, events):
                 if response.finish_reason is None:
                     self._generator.remove([response.uid])
                     del self._decoding[response.uid]
@@ -434,8 +463,9 @@ class BatchEngine:
                 self._finish(row, "length", events)
         return len(responses)
 
-    def _show(self, row: _Row, token: int, events: list[RowEvent]) -> bool:
-        """Show a generated token; True if the row ended with it (a stop id or string)."""
+    def _show_or_finish(self, row: _Row, token: int, events: list[RowEvent]) -> bool:
+        """Show a generated token, or finish the row if it ends it (a stop id or string: then
+        True)."""
         if token in row.answer.stops:
             self._finish(row, "stop", events)
             return True
@@ -478,10 +508,12 @@ def stream_batch_generate(
     *,
     batch_size: int = 8,
     **sampling: Any,
-) -> Iterator[tuple[int, GenerationResult | ValueError]]:
+) -> Iterator[tuple[int, GenerationResult | Exception]]:
     """Answer many requests decoded together; yields ``(index, result)`` as each row ends, the
     index that of the request in ``requests``. A request that cannot be used (a missing image, a
-    prompt over the context) yields a ``ValueError`` in place of its result, and the rest go on.
+    prompt over the context, image slots that do not match its images) yields a ``ValueError``
+    in place of its result, a failure of its own work anything else a ``RuntimeError``, and the
+    rest go on.
 
     ``sampling`` are :class:`SamplingOptions` fields shared by every request, which a request's
     own ``options`` override. With temperature 0 every row's tokens equal ``generate()``'s.
@@ -496,11 +528,30 @@ def stream_batch_generate(
         while engine.pending():
             for event in engine.step():
                 if event.error is not None:
-                    yield order[event.row], ValueError(event.error)
+                    kind = RuntimeError if event.fault else ValueError
+                    yield order[event.row], kind(event.error)
                 elif event.result is not None:
                     yield order[event.row], event.result
     finally:
         engine.close()
+
+
+def check_slots(ids: Sequence[int], counts: Sequence[int]) -> None:
+    """Refuse prompt ids whose image slots do not match the images, image k filling one run of
+    ``counts[k]`` slots (id ``-(k + 1)``), with a ValueError naming the mismatch."""
+    runs = media_slots(np.asarray(ids))
+    for _, length, k in runs:
+        if k >= len(counts):
+            raise ValueError(
+                f"the prompt has slots for image {k + 1} but {len(counts)} image(s) were given"
+            )
+        if length != counts[k]:
+            raise ValueError(f"image {k + 1} fills {counts[k]} slots but the prompt has a run "
+                             f"of {length}")  # fmt: skip
+    named = {k for _, _, k in runs}
+    for k in range(len(counts)):
+        if k not in named:
+            raise ValueError(f"image {k + 1} is given but the prompt has no slots for it")
 
 
 def batch_generate(
@@ -522,7 +573,7 @@ def batch_generate(
     for index, result in stream_batch_generate(
         model, processor, requests, batch_size=batch_size, **sampling
     ):
-        if isinstance(result, ValueError):
-            raise ValueError(f"request {index + 1}: {result}")
+        if isinstance(result, Exception):
+            raise type(result)(f"request {index + 1}: {result}")
         results[index] = result
     return results

@@ -14,9 +14,9 @@ from typing import Any
 import mlx.core as mx
 
 from .batch import BatchEngine, Request, RowEvent
-from .generate import GenerationResult, SamplingOptions
+from .generate import GenerationResult, SamplingOptions, chat_prompt
 from .models.base import DecoderModel
-from .processor import IMAGE_TAG, Processor
+from .processor import Processor
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -103,35 +103,24 @@ def collect_inputs(inputs: Sequence[str], prompt: str | None) -> list[Item]:
     return items
 
 
+def drop_cut_line(output: Path) -> None:
+    """Remove from an output file a last line that a crash cut short."""
+    data = output.read_bytes() if output.exists() else b""
+    if data and not data.endswith(b"\n"):
+        output.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
 def answered_ids(output: Path) -> set[str]:
-    """Ids already in an output file; a line cut short by a crash is removed from the file."""
+    """Ids already in an output file."""
     if not output.exists():
         return set()
-    data = output.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        output.write_bytes(data)
     done = set()
-    for line in data.decode("utf-8").splitlines():
+    for line in output.read_text(encoding="utf-8").splitlines():
         try:
             done.add(str(json.loads(line)["id"]))
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     return done
-
-
-def chat_prompt(processor: Processor, item: Item, system: str | None) -> str:
-    """The item's question in the chat format: its images first, unless it places them with
-    ``<|image_N|>`` tags itself."""
-    messages = [{"role": "system", "content": system}] if system else []
-    if IMAGE_TAG.search(item.prompt):
-        messages.append({"role": "user", "content": item.prompt})
-    else:
-        parts = [{"type": "image"} for _ in item.images]
-        messages.append(
-            {"role": "user", "content": [*parts, {"type": "text", "text": item.prompt}]}
-        )
-    return processor.apply_chat_template(messages)
 
 
 def output_row(item: Item, result: GenerationResult | None, error: str | None) -> dict[str, Any]:
@@ -239,6 +228,8 @@ def run(
     first = ranks.rank == 0
     if first and overwrite and output.exists():
         output.unlink()
+    if first:
+        drop_cut_line(output)
     done = answered_ids(output) if first else set()
     mask = ranks.from_first([int(item.id in done) for item in items])
     todo = [item for item, skip in zip(items, mask, strict=True) if not skip]
@@ -249,13 +240,9 @@ def run(
     by_row: dict[int, Item] = {}
     try:
         for item in mine:
-            seed = (
-                None
-                if options.seed is None
-                else (options.seed + zlib.crc32(item.id.encode())) % 2**32
-            )
-            settings = SamplingOptions(**{**vars(options), "seed": seed})
-            request = Request(chat_prompt(processor, item, system), item.files, num_crops)
+            settings = SamplingOptions(**{**vars(options), "seed": row_seed(options.seed, item)})
+            prompt = chat_prompt(processor, item.prompt, len(item.images), system)
+            request = Request(prompt, item.files, num_crops)
             by_row[engine.submit(request, settings)] = item
         sink = output.open("a", encoding="utf-8") if first else None
         try:

@@ -22,13 +22,14 @@ from .generate import (  # noqa: E402
     GenerationChunk,
     GenerationResult,
     SamplingOptions,
+    chat_prompt,
     collect,
     stream_generate,
     summary,
 )
 from .loader import float_dtype, load_model, load_processor, model_config, resolve  # noqa: E402
 from .models.base import DecoderModel  # noqa: E402
-from .processor import IMAGE_TAG, Processor, load_image  # noqa: E402
+from .processor import Processor, load_image  # noqa: E402
 from .session import ChatSession  # noqa: E402
 
 DEFAULT_MODEL = "mlx-community/Phi-3.5-vision-instruct-4bit"
@@ -221,17 +222,13 @@ def _ranks() -> tuple[Any, bool]:
 def _weights(
     path: Path, dtype: str | None, adapter_path: Path | None = None, group: Any = None
 ) -> DecoderModel:
-    """The model's weights, with a fine-tuned adapter on them if given, split across the ranks
-    of ``group`` if given."""
+    """The model's weights (a bar shows them loading), with a fine-tuned adapter on them if
+    given, split across the ranks of ``group`` if given."""
     if group is not None and adapter_path is not None:
         raise ValueError("a model split across ranks takes no --adapter-path: fuse it first")
     with _bars() as bar:
-        model = load_model(path, dtype, progress=bar("Loading weights"), group=group)
-    if adapter_path is not None:
-        from .lora import load_adapter
-
-        load_adapter(model, adapter_path)
-    return model
+        return load_model(path, dtype, progress=bar("Loading weights"), group=group,
+                          adapter_path=adapter_path)  # fmt: skip
 
 
 def _echo(chunks: Iterator[GenerationChunk]) -> GenerationResult:
@@ -272,19 +269,13 @@ def generate(
     text = sys.stdin.read() if prompt == "-" else prompt
     images = _check_images(list(image or []))
     path, processor = _processor(model, dtype, num_crops, quiet=not first)
-    messages = [{"role": "system", "content": system}] if system else []
-    if IMAGE_TAG.search(text):  # the user placed the images: keep their tags, add none
-        messages.append({"role": "user", "content": text})
-    else:
-        parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        messages.append({"role": "user", "content": parts})
-    chat_prompt = processor.apply_chat_template(messages)
+    prompt_text = chat_prompt(processor, text, len(images), system)
     crops = processor.crops(num_crops)
-    processor.tokenize(chat_prompt, [processor.image_tokens(im, crops) for im in images])
+    processor.tokenize(prompt_text, [processor.image_tokens(im, crops) for im in images])
     loaded_model = _weights(path, dtype, adapter_path, group)
     with Interrupt() as interrupt, _bars() as bar:
         chunks = stream_generate(
-            loaded_model, processor, chat_prompt, images=images or None, num_crops=num_crops,
+            loaded_model, processor, prompt_text, images=images or None, num_crops=num_crops,
             progress=interrupt.checked(bar("Reading the prompt")), **vars(options),
         )  # fmt: skip
         try:
@@ -502,7 +493,7 @@ def serve(
     adapter_path: AdapterOption = None,
 ) -> None:
     """Serve the OpenAI chat API (and a chat page) on this machine."""
-    from .server import ServerSettings
+    from .server import ServerSettings, model_id
     from .server import serve as run
 
     if launch_group() is not None:
@@ -516,8 +507,8 @@ def serve(
         typer.echo(f"warning: listening on {host}: other machines can reach this server"
                    + ("" if api_key else " (and no --api-key is set)"), err=True)  # fmt: skip
     settings = ServerSettings(
-        model_name=model, api_key=api_key, cors_origins=cors_origin or (), media_dir=media_dir,
-        allow_remote_images=allow_remote_images, max_body_mb=max_body_mb,
+        model_name=model_id(model), api_key=api_key, cors_origins=cors_origin or (),
+        media_dir=media_dir, allow_remote_images=allow_remote_images, max_body_mb=max_body_mb,
         max_image_pixels=max_image_pixels, max_images=max_images, max_tokens=max_tokens,
         batch_size=batch_size, queue_size=queue_size, prompt_cache_gb=prompt_cache_gb,
     )  # fmt: skip
@@ -550,7 +541,8 @@ def lora(
     target_modules: Annotated[
         list[str] | None,
         typer.Option(
-            "--target-modules", help="Modules to adapt (self_attn.o_proj, lm_head); repeatable."
+            "--target-modules",
+            help="Modules to adapt, comma-separated (self_attn.o_proj,lm_head); repeatable.",
         ),
     ] = None,
     grad_checkpoint: Annotated[
@@ -574,21 +566,18 @@ def lora(
     dtype: DtypeOption = None,
 ) -> None:
     """Fine-tune an adapter (LoRA, DoRA; QLoRA on a quantized model)."""
-    import json as json_module
+    from .adapters import AdapterSettings
+    from .lora import TrainSettings, fine_tune
 
-    import mlx.core as mx
-
-    from . import lora as tuning
-
-    settings = tuning.AdapterSettings(
+    adapter = AdapterSettings(
         rank=rank,
         scale=scale,
         dropout=dropout,
         num_layers=num_layers,
         fine_tune_type=fine_tune_type,
-        targets=list(target_modules or []),
+        targets=[name for value in target_modules or [] for name in value.split(",") if name],
     )
-    schedule = tuning.TrainSettings(
+    schedule = TrainSettings(
         iters=iters,
         batch_size=batch_size,
         learning_rate=learning_rate,
@@ -598,67 +587,24 @@ def lora(
         grad_checkpoint=grad_checkpoint,
         seed=seed,
     )
-    if resume_adapter_file is not None and not resume_adapter_file.is_file():
-        raise ValueError(f"--resume-adapter-file {resume_adapter_file}: no such file")
     path, processor = _processor(model, dtype, num_crops)
-    train_set, images = tuning.load_dataset(data, processor, num_crops, max_seq_length)
-    val_set = []
-    if val_data is not None:
-        val_set, val_images = tuning.load_dataset(val_data, processor, num_crops, max_seq_length)
-        images.update(val_images)
-    loaded_model = _weights(path, dtype)
-    mx.random.seed(seed)
-    tuning.add_adapters(loaded_model, settings)
-    start = 0
-    if resume_adapter_file is not None:
-        start = tuning.load_adapter_weights(loaded_model, resume_adapter_file)
-    adapter_path.mkdir(parents=True, exist_ok=True)
-    config = tuning.adapter_config(
-        settings,
-        model=model,
-        data=str(data),
-        iters=iters,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        num_crops=num_crops,
-        max_seq_length=max_seq_length,
-        seed=seed,
-    )
-    (adapter_path / tuning.ADAPTER_CONFIG).write_text(json_module.dumps(config, indent=2) + "\n")
-    metrics = (adapter_path / "metrics.jsonl").open("a" if start else "w", encoding="utf-8")
-    last: dict[str, Any] = {}
-    with metrics, _bars() as bar:
-        encoding = bar("Encoding images")
-        features = tuning.encode_dataset_images(loaded_model, processor, images, encoding)
+    recorded = dict(model=model, data=str(data), iters=iters, batch_size=batch_size,
+                    learning_rate=learning_rate, num_crops=num_crops,
+                    max_seq_length=max_seq_length, seed=seed)  # fmt: skip
+    with _bars() as bar:
         training = bar("Training")
 
         def report(entry: Any) -> None:
-            metrics.write(json_module.dumps(entry.row()) + "\n")
-            metrics.flush()
-            last.update(entry.row())
-            line = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in entry.row().items())
             if training is None:
-                typer.echo(line, err=True)
+                typer.echo(", ".join(f"{k.replace('_', ' ')} {v:.4g}"
+                                     for k, v in entry.row().items()), err=True)  # fmt: skip
 
-        def step_done(iteration: int) -> None:
-            if training is not None:
-                status = (
-                    f"loss {last.get('train_loss', float('nan')):.3f}, lr {learning_rate:g}, "
-                    f"{last.get('tokens_per_second', 0):.1f} tok/s"
-                )
-                training(iteration - start, iters, f"it {iteration}, {status}")
-
-        tuning.train(
-            loaded_model,
-            train_set,
-            val_set,
-            features,
-            schedule,
-            adapter_path / tuning.ADAPTER_WEIGHTS,
-            start=start,
-            report=report,
-            step_done=step_done,
-        )
+        start, last = fine_tune(
+            lambda: _weights(path, dtype), processor, data, adapter_path, adapter, schedule,
+            val_data=val_data, resume_adapter_file=resume_adapter_file, num_crops=num_crops,
+            max_seq_length=max_seq_length, recorded=recorded,
+            encoding=bar("Encoding images"), progress=training, report=report,
+        )  # fmt: skip
     typer.echo(
         f"Saved the adapter in {adapter_path} (train loss {last.get('train_loss', 0):.3f}"
         f" after {start + iters} steps; metrics in {adapter_path / 'metrics.jsonl'})",
@@ -689,7 +635,7 @@ def fuse(
     ] = False,
 ) -> None:
     """Fuse an adapter into its model and save the result."""
-    from .lora import fuse as run
+    from .fuse import fuse as run
 
     with _bars() as bar:
         run(

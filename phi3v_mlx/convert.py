@@ -12,7 +12,6 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchLinear
-from mlx_lm.utils import dequantize_model
 
-from .loader import (
-    DTYPES,
-    check_weights,
-    load_processor,
-    model_config,
-    read_weights,
-    resolve,
-    weight_files,
-)
+from .fidelity import FidelityReport, counter, fidelity, folder_bytes
+from .loader import DTYPES, check_weights, model_config, read_weights, resolve, weight_files
 from .models import architecture
 from .models.base import DecoderModel, module_names
 
@@ -231,11 +222,6 @@ def _model_card(source: str, config: dict[str, Any]) -> str:
     )
 
 
-def folder_bytes(path: Path) -> int:
-    """Bytes of the safetensors weights in a folder."""
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
-
-
 def upload(folder: Path, repo: str) -> None:
     """Create (if needed) a Hugging Face model repository and upload the folder to it."""
     from huggingface_hub import HfApi
@@ -249,145 +235,6 @@ def upload(folder: Path, repo: str) -> None:
         raise ConvertError(
             f"upload to {repo} failed ({first}); the converted model is kept at {folder}"
         ) from None
-
-
-@dataclass
-class FidelityReport:
-    """How closely a converted model's next-token distributions follow the source's."""
-
-    positions: int
-    top1_agreement: float
-    mean_kl: float
-    source_bytes: int
-    converted_bytes: int
-
-    def __str__(self) -> str:
-        gb = 1e9
-        return (
-            f"Fidelity on {self.positions} calibration positions: top-1 agreement "
-            f"{100 * self.top1_agreement:.1f}%, mean KL {self.mean_kl:.4g} nats\n"
-            f"Size: {self.source_bytes / gb:.3f} GB -> {self.converted_bytes / gb:.3f} GB"
-        )
-
-
-CALIBRATION_PROMPTS = [
-    "<|user|>\nExplain why the sky is blue in two sentences.<|end|>\n<|assistant|>\n",
-    "<|user|>\nWrite a short Python function that reverses a string.<|end|>\n<|assistant|>\n",
-    "<|system|>\nYou are a helpful assistant.<|end|>\n<|user|>\nList three uses of copper."
-    "<|end|>\n<|assistant|>\nCopper is used in",
-]
-IMAGE_PROMPT = "<|user|>\n<|image_1|>\nWhat shapes are in this picture?<|end|>\n<|assistant|>\n"
-SCORED_POSITIONS = 64  # per prompt, the last ones
-
-
-def calibration_image() -> np.ndarray:
-    """A deterministic synthetic picture: a colour gradient with a disc and a bar."""
-    y, x = np.mgrid[0:360, 0:480]
-    image = np.stack([x * 255 // 479, y * 255 // 359, (x + y) * 255 // 838], -1)
-    image[(x - 150) ** 2 + (y - 180) ** 2 < 70**2] = (230, 40, 40)
-    image[60:100, 260:440] = (20, 20, 200)
-    return image.astype(np.uint8)
-
-
-def calibration_inputs(processor: Any) -> list[dict[str, Any]]:
-    """The calibration prompts as model inputs, for a vision model the image prompt last."""
-    inputs = [processor(p) for p in CALIBRATION_PROMPTS]
-    if processor.vision:
-        inputs.append(processor(IMAGE_PROMPT, images=[calibration_image()], num_crops=1))
-    return inputs
-
-
-ModelLoader = Callable[[str | None], DecoderModel]  # the model, computing in the given dtype
-
-
-def calibration_log_probs(
-    load: ModelLoader,
-    inputs: list[dict[str, Any]],
-    dtype: str | None,
-    dense: bool,
-    advance: Callable[[int], None],
-) -> np.ndarray:
-    """Next-token log-probabilities [positions, vocab] of a model at the last positions of each
-    input, the prompt read in prefill chunks (``advance(positions)`` after each); with
-    ``dense`` its quantized layers are expanded first. The model is freed after."""
-    from .generate import default_prefill_step
-
-    model = load(dtype)
-    if dense:
-        dequantize_model(model)
-    step = default_prefill_step()
-    out = []
-    for item in inputs:
-        embeddings = model.embed(**item)
-        total = embeddings.shape[1]
-        cache = model.make_cache()
-        cache.rope.expected = total
-        scored = []
-        for start in range(0, total, step):
-            h = model.hidden(embeddings[:, start : start + step], cache)
-            skip = max(total - SCORED_POSITIONS - start, 0)
-            if skip < h.shape[1]:
-                scored.append(h[:, skip:])
-            mx.eval(scored, [layer.state for layer in cache])
-            advance(h.shape[1])
-        logits = model.logits(mx.concatenate(scored, axis=1)).astype(mx.float32)
-        out.append(np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0])
-    del model
-    mx.clear_cache()
-    return np.concatenate(out)
-
-
-def agreement(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
-    """Top-1 agreement and mean KL(reference || other) of two log-probability arrays."""
-    top1 = float((reference.argmax(-1) == other.argmax(-1)).mean())
-    kl = float((np.exp(reference) * (reference - other)).sum(-1).mean())
-    return top1, kl
-
-
-def check_dtype(source: Path, dtype: str | None) -> str | None:
-    """The dtype a fidelity check computes in: ``dtype`` if given, float32 on the CPU backend
-    (where 16-bit and quantized products are slow), else the source's stored dtype."""
-    if dtype is not None:
-        return dtype
-    if not mx.metal.is_available():
-        return "float32"
-    value = json.loads((source / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
-    return value if value in DTYPES else None
-
-
-def counter(total: int, progress: Callable[[int, int], None] | None) -> Callable[[int], None]:
-    """``advance(amount)`` that reports the running sum out of ``total``."""
-    done = 0
-
-    def advance(amount: int) -> None:
-        nonlocal done
-        done += amount
-        if progress is not None:
-            progress(done, total)
-
-    return advance
-
-
-def fidelity(
-    source: Path,
-    converted: Path,
-    dtype: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> FidelityReport:
-    """Top-1 agreement and mean KL(source || converted) over the built-in calibration, both
-    models computing in :func:`check_dtype`'s dtype (on the CPU backend the converted model's
-    quantized layers are expanded: the same arithmetic, far faster there). ``progress(done,
-    total)`` counts prompt positions read by both models."""
-    from .loader import load_model
-
-    dtype = check_dtype(source, dtype)
-    inputs = calibration_inputs(load_processor(source))
-    advance = counter(2 * sum(item["input_ids"].shape[1] for item in inputs), progress)
-    cpu = not mx.metal.is_available()
-    ref = calibration_log_probs(lambda d: load_model(source, d), inputs, dtype, False, advance)
-    got = calibration_log_probs(lambda d: load_model(converted, d), inputs, dtype, cpu, advance)
-    top1, kl = agreement(ref, got)
-    return FidelityReport(len(ref), top1, kl, folder_bytes(source), folder_bytes(converted))
 
 
 PARTIAL_FOLDER = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")

@@ -17,7 +17,7 @@ from mlx_lm.sample_utils import make_logits_processors as mlx_logits_processors
 from .cache import PromptCache
 from .memory import PeakMemory, wired_limit
 from .models.base import DecoderModel
-from .processor import ImageInput, Processor
+from .processor import IMAGE_TAG, ImageInput, Processor
 
 Progress = Callable[[int, int], None]
 
@@ -91,6 +91,8 @@ class SamplingOptions:
         if self.kv_bits is not None and self.max_kv_size is not None:
             raise ValueError("kv_bits and max_kv_size exclude each other (a rotating cache "
                              "cannot be quantized)")  # fmt: skip
+        if self.seed is not None:
+            self.seed %= 2**64  # any integer is a seed: -1 (what chat UIs send) as 2**64 - 1
         if self.prefill_step_size is None:
             self.prefill_step_size = default_prefill_step()
         if self.prefill_step_size < 1:
@@ -190,24 +192,41 @@ class AnswerText:
         return self.detokenizer.last_segment
 
 
-def read_prompt(
-    model: DecoderModel, embeddings: mx.array, cache: PromptCache, options: SamplingOptions
-) -> Iterator[int]:
-    """Feed the prompt positions ``embeddings`` [1, T, hidden] into ``cache`` one evaluated chunk
-    at a time, all but the last chunk (at most ``prefill_step_size`` positions, ending with the
-    last one: the forward that also yields the first logits reads it), yielding the number of
-    positions read after each chunk. Stopping between chunks leaves the cache holding them."""
+def prefill(
+    model: DecoderModel,
+    embeddings: mx.array,
+    cache: PromptCache,
+    options: SamplingOptions,
+    end: int | None = None,
+) -> Iterator[tuple[int, mx.array]]:
+    """Feed the prompt positions ``embeddings[:, :end]`` (all by default) into ``cache`` one
+    evaluated chunk of at most ``prefill_step_size`` positions at a time, every chunk rotated as
+    the whole prompt will be; after each, yield the positions read so far and the chunk's
+    final-norm hidden states (not evaluated). Stopping between chunks leaves the cache holding
+    them."""
     total = embeddings.shape[1]
+    end = total if end is None else end
     cache.rope.expected = cache.offset + total
     step = options.prefill_step_size
-    done = 0
-    while total - done > step:
-        model.hidden(embeddings[:, done : done + step], cache)
+    for start in range(0, end, step):
+        done = min(start + step, end)
+        h = model.hidden(embeddings[:, start:done], cache)
         if options.kv_bits:
             maybe_quantize_kv_cache(cache, 0, kv_group_size(model), options.kv_bits)
         mx.eval([layer.state for layer in cache])
         mx.clear_cache()
-        done += step
+        yield done, h
+
+
+def read_prompt(
+    model: DecoderModel, embeddings: mx.array, cache: PromptCache, options: SamplingOptions
+) -> Iterator[int]:
+    """:func:`prefill` of all but the prompt's last chunk (at most ``prefill_step_size``
+    positions, ending with the last one: the forward that also yields the first logits reads
+    it), yielding the number of positions read after each chunk."""
+    step = options.prefill_step_size
+    last = (embeddings.shape[1] - 1) // step * step
+    for done, _ in prefill(model, embeddings, cache, options, last):
         yield done
 
 
@@ -255,11 +274,14 @@ def decode(
     started: float,
     peak: PeakMemory,
     progress: Progress | None = None,
+    context: Sequence[int] = (),
 ) -> Iterator[GenerationChunk]:
     """Prefill ``embeddings`` (the prompt positions not yet in ``cache``) and stream the answer.
 
-    ``ids`` are those positions' ids (image slots negative); ``started`` is when the request
-    began, for the time to first token, and ``peak`` watches its memory. The cache ends holding
+    ``ids`` are those positions' ids (image slots negative), ``context`` the ids of the
+    positions ``cache`` already holds (the repetition penalty sees them as generate() would);
+    ``started`` is when the request began, for the time to first token, and ``peak`` watches
+    its memory. The cache ends holding
     the prompt and every generated token fed back (a step cut short may leave some layers one
     position ahead: see ``PromptCache.offset``).
     """
@@ -296,7 +318,7 @@ def decode(
             StepModel(model, len(tail)),
             max_tokens=options.max_tokens,
             sampler=make_sampler(options),
-            logits_processors=make_logits_processors(options, before=ids[:done]),
+            logits_processors=make_logits_processors(options, before=[*context, *ids[:done]]),
             prompt_cache=cache,
             prefill_step_size=options.prefill_step_size,
             kv_bits=options.kv_bits,
@@ -319,6 +341,20 @@ def decode(
             yield chunk(text, token, count, None)
             text = ""
     yield chunk(text + answer.finish(), token, count, finish)
+
+
+def chat_prompt(
+    processor: Processor, question: str, images: int = 0, system: str | None = None
+) -> str:
+    """One question in the chat format, after ``system`` if given, with ``images`` images ahead
+    of it, unless it places them itself with ``<|image_N|>`` tags."""
+    messages = [{"role": "system", "content": system}] if system else []
+    if IMAGE_TAG.search(question):
+        messages.append({"role": "user", "content": question})
+    else:
+        parts = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
+        messages.append({"role": "user", "content": parts})
+    return processor.apply_chat_template(messages)
 
 
 def prepare(

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .adapters import load_adapter
 from .config import read_config
 from .distributed import shard_model
 from .models import architecture
@@ -146,8 +147,10 @@ def load_model(
     lazy: bool = False,
     progress: Callable[[int, int], None] | None = None,
     group: mx.distributed.Group | None = None,
+    adapter_path: str | Path | None = None,
 ) -> DecoderModel:
-    """The model of a local checkpoint folder, its weights cast to ``dtype`` if given.
+    """The model of a local checkpoint folder, its weights cast to ``dtype`` if given, with the
+    adapter saved in ``adapter_path`` on it if given.
 
     Unless ``lazy``, the weights are read now, one tensor at a time; ``progress(done, total)``
     hears of each in bytes. With a ``group`` of several ranks, the model is split across them
@@ -178,6 +181,8 @@ def load_model(
             done += tensor.nbytes
             if progress is not None:
                 progress(done, total)
+    if adapter_path is not None:
+        load_adapter(model, adapter_path)
     return model
 
 
@@ -213,11 +218,7 @@ def load(
     if adapter_path is not None and group is not None and group.size() > 1:
         raise LoadError("a model split across ranks takes no adapter: fuse it first (phi3v fuse)")
     path = resolve(path_or_repo)
-    model = load_model(path, dtype, lazy, progress, group)
-    if adapter_path is not None:
-        from .lora import load_adapter
-
-        load_adapter(model, adapter_path)
+    model = load_model(path, dtype, lazy, progress, group, adapter_path)
     return model, load_processor(path)
 
 

@@ -1,9 +1,10 @@
 """Fine-tuning with low-rank adapters (LoRA, DoRA; QLoRA on a quantized base) on conversations
-with images, in mlx-lm's adapter format, and fusing an adapter into a checkpoint.
+with images: the data, the loss, the training loop and ``phi3v lora``'s run.
 
-The layers, optimizers and adapter files are mlx-lm's; the data, the loss (assistant tokens only)
-and the loop are this model's: images go through the frozen vision tower once, and each step
-reads the decoder with the cached image embeddings in their slots.
+The layers, optimizers and adapter files are mlx-lm's (see :mod:`phi3v_mlx.adapters`); the data,
+the loss (assistant tokens only) and the loop are this model's: images go through the frozen
+vision tower once, and each step reads the decoder with the cached image embeddings in their
+slots.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +21,21 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
-from mlx_lm.tuner.dora import DoRALinear
-from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
-from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from .adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterSettings,
+    adapter_config,
+    add_adapters,
+    load_adapter_weights,
+    save_adapter_weights,
+)
+from .keys import image_digest
 from .models.base import DecoderModel
 from .processor import IMAGE_TAG, Processor
-from .session import image_digest
 
-ADAPTER_WEIGHTS = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 END_OF_TURN = 32007
-DEFAULT_TARGETS = {
-    "phimoe": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
-    "default": ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"],
-}
 
 
 class DataError(ValueError):
@@ -50,26 +50,6 @@ class Example:
     ids: list[int]
     learn: list[bool]
     image_keys: list[tuple[str, int]]
-
-
-@dataclass
-class AdapterSettings:
-    """The adapter's shape: mlx-lm's ``lora_parameters`` and where they go."""
-
-    rank: int = 8
-    scale: float = 20.0
-    dropout: float = 0.0
-    num_layers: int = -1
-    fine_tune_type: str = "lora"
-    targets: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        if self.fine_tune_type not in ("lora", "dora"):
-            raise ValueError(f"fine_tune_type must be lora or dora, got {self.fine_tune_type!r}")
-        if self.rank < 1:
-            raise ValueError(f"rank must be at least 1, got {self.rank}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -191,112 +171,6 @@ def encode_dataset_images(
         if progress is not None:
             progress(i + 1, len(images))
     return features
-
-
-# ---------------------------------------------------------------- adapters
-
-
-def add_adapters(model: DecoderModel, settings: AdapterSettings) -> None:
-    """Freeze the model and put mlx-lm's LoRA (or DoRA) layers on the targets: modules of the
-    decoder layers (``self_attn.qkv_proj``...) or whole-model ones by official name
-    (``lm_head``). A quantized layer stays quantized under its adapter (QLoRA)."""
-    targets = settings.targets or DEFAULT_TARGETS.get(
-        model.config.model_type, DEFAULT_TARGETS["default"]
-    )
-    in_layers = {path for path, _ in model.layers[0].named_modules() if path}
-    whole = {model.official_name(f"{path}."): path for path, _ in model.named_modules() if path}
-    keys = []
-    for target in targets:
-        if target in in_layers:
-            keys.append(target)
-        elif f"{target}." in whole and not target.startswith("model.vision_embed_tokens"):
-            keys.append(whole[f"{target}."])
-        else:
-            raise ValueError(
-                f"no module {target!r} to adapt: name one of a decoder layer's "
-                f"({', '.join(sorted(in_layers))}) or of the model (lm_head, ...)"
-            )
-    model.freeze()
-    settings.targets = list(targets)
-    parameters = {"rank": settings.rank, "scale": settings.scale, "dropout": settings.dropout}
-    linear_to_lora_layers(
-        model,
-        settings.num_layers,
-        {**parameters, "keys": keys},
-        use_dora=settings.fine_tune_type == "dora",
-    )
-
-
-def adapter_config(settings: AdapterSettings, **extra: Any) -> dict[str, Any]:
-    """``adapter_config.json`` in mlx-lm's format (plus this run's own settings)."""
-    return {
-        "fine_tune_type": settings.fine_tune_type,
-        "num_layers": settings.num_layers,
-        "lora_parameters": {
-            "rank": settings.rank,
-            "scale": settings.scale,
-            "dropout": settings.dropout,
-            "keys": settings.targets,
-        },
-        **extra,
-    }
-
-
-def save_adapter_weights(model: DecoderModel, file: Path, iteration: int) -> None:
-    """The adapter's tensors under their official names (as mlx-lm names them for its own Phi-3
-    models), with the iteration they were saved at; written whole or not at all."""
-    weights = {model.official_name(k): v for k, v in tree_flatten(model.trainable_parameters())}
-    partial = file.with_name(f".partial-{file.name}")
-    mx.save_safetensors(str(partial), weights, {"iteration": str(iteration)})
-    partial.replace(file)
-
-
-def load_adapter_weights(model: DecoderModel, file: Path) -> int:
-    """Load adapter tensors into a model that has its adapter layers; returns the iteration
-    they were saved at (0 if unknown)."""
-    if not file.is_file():
-        raise ValueError(f"no adapter weights at {file}")
-    weights, metadata = mx.load(str(file), return_metadata=True)
-    expected = dict(tree_flatten(model.trainable_parameters()))
-    named = {model.internal_name(k): v for k, v in weights.items()}
-    for name, value in named.items():
-        if name not in expected:
-            raise ValueError(f"{file}: {model.official_name(name)} is not an adapter of this model")
-        if value.shape != expected[name].shape:
-            raise ValueError(
-                f"{file}: {model.official_name(name)} has shape {list(value.shape)}, the model's "
-                f"adapter has {list(expected[name].shape)}"
-            )
-    missing = sorted(set(expected) - set(named))
-    if missing:
-        raise ValueError(f"{file} lacks {model.official_name(missing[0])}")
-    model.load_weights(list(named.items()), strict=False)
-    return int(metadata.get("iteration", 0))
-
-
-def load_adapter(model: DecoderModel, adapter_path: str | Path) -> AdapterSettings:
-    """Put the adapter saved in ``adapter_path`` on the model (see :func:`phi3v_mlx.load`)."""
-    folder = Path(adapter_path).expanduser()
-    config_file = folder / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise ValueError(f"no {ADAPTER_CONFIG} in {folder}")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        lora = config["lora_parameters"]
-        settings = AdapterSettings(
-            rank=int(lora["rank"]),
-            scale=float(lora["scale"]),
-            dropout=float(lora.get("dropout", 0.0)),
-            num_layers=int(config["num_layers"]),
-            fine_tune_type=config.get("fine_tune_type", "lora"),
-            targets=list(lora.get("keys") or []),
-        )
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{config_file} is not an adapter config: {e}") from None
-    add_adapters(model, settings)
-    load_adapter_weights(model, folder / ADAPTER_WEIGHTS)
-    model.eval()
-    return settings
 
 
 # ---------------------------------------------------------------- training
@@ -438,96 +312,68 @@ def train(
     return reports
 
 
-# ---------------------------------------------------------------- fusing
+# ---------------------------------------------------------------- phi3v lora
 
 
-@dataclass
-class FuseReport:
-    """How close the fused model is to base + adapter, and how far the adapter moves the base
-    (so that an adapter lost in fusing shows: the fused model would sit where the base does)."""
-
-    positions: int
-    top1_agreement: float
-    mean_kl: float
-    base_top1_agreement: float
-    base_mean_kl: float
-
-    def __str__(self) -> str:
-        return (
-            f"Fused vs base + adapter on {self.positions} calibration positions: top-1 agreement "
-            f"{100 * self.top1_agreement:.1f}%, mean KL {self.mean_kl:.4g} nats "
-            f"(the base alone: {100 * self.base_top1_agreement:.1f}%, "
-            f"{self.base_mean_kl:.4g} nats)"
-        )
-
-
-def fuse(
-    model_path: str | Path,
-    adapter_path: str | Path,
-    save_path: str | Path,
+def fine_tune(
+    load_weights: Callable[[], DecoderModel],
+    processor: Processor,
+    data: Path,
+    adapter_path: Path,
+    adapter: AdapterSettings,
+    schedule: TrainSettings,
     *,
-    dequantize: bool = False,
-    quantize: bool = False,
-    q_bits: int | None = None,
-    q_group_size: int | None = None,
-    dtype: str | None = None,
-    force: bool = False,
-    log: Callable[[str], None] = print,
-    progress: Callable[[int, int], None] | None = None,
-    check_progress: Callable[[int, int], None] | None = None,
-) -> FuseReport:
-    """Fuse an adapter into its base and write the result as the converter writes checkpoints.
+    val_data: Path | None = None,
+    resume_adapter_file: Path | None = None,
+    num_crops: int | None = None,
+    max_seq_length: int = 4096,
+    recorded: dict[str, Any] | None = None,
+    encoding: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    report: Callable[[Report], None] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """``phi3v lora``: check every row, then load the weights (``load_weights()``), put the
+    adapter on them (going on from ``resume_adapter_file``), train, and save the adapter, its
+    config (with the run's ``recorded`` settings) and ``metrics.jsonl`` in ``adapter_path``.
 
-    Every adapted layer is fused in float32 (a quantized base is dequantized first); the result
-    is quantized again as the base was (or as ``quantize`` asks), or kept unquantized with
-    ``dequantize``. The report compares the fused model with base + adapter."""
-    from .convert import (
-        agreement,
-        calibration_inputs,
-        calibration_log_probs,
-        check_dtype,
-        convert,
-        counter,
-    )
-    from .loader import load_model, load_processor, resolve
+    ``encoding(done, total)`` hears of the images encoded, ``progress(done, total, status)`` of
+    each step (status: iteration, loss, learning rate, speed), ``report`` of each metrics row.
+    Returns the iteration trained from and the last value of every metric."""
+    if resume_adapter_file is not None and not resume_adapter_file.is_file():
+        raise ValueError(f"--resume-adapter-file {resume_adapter_file}: no such file")
+    train_set, images = load_dataset(data, processor, num_crops, max_seq_length)
+    val_set = []
+    if val_data is not None:
+        val_set, val_images = load_dataset(val_data, processor, num_crops, max_seq_length)
+        images.update(val_images)
+    model = load_weights()
+    mx.random.seed(schedule.seed)
+    add_adapters(model, adapter)
+    start = 0
+    if resume_adapter_file is not None:
+        start = load_adapter_weights(model, resume_adapter_file)
+    adapter_path.mkdir(parents=True, exist_ok=True)
+    config = adapter_config(adapter, **(recorded or {}))
+    (adapter_path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    last: dict[str, Any] = {}
+    with (adapter_path / "metrics.jsonl").open("a" if start else "w", encoding="utf-8") as metrics:
 
-    base = resolve(model_path)
-    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    quantization = config.get("quantization") or {}
-    if quantize and dequantize:
-        raise ValueError("--dequantize and --quantize exclude each other")
-    model = load_model(base, "float32")
-    load_adapter(model, adapter_path)
-    fused = {}
-    for path, module in model.named_modules():
-        if isinstance(module, (LoRALinear, LoRASwitchLinear, DoRALinear)):
-            dense = module.fuse(dequantize=True)
-            fused[model.official_name(f"{path}.weight")] = dense.weight.astype(mx.float32)
-    del model
-    requantize = quantize or (bool(quantization) and not dequantize)
-    bits = q_bits or quantization.get("bits", 4)
-    group = q_group_size or quantization.get("group_size", 64)
-    convert(
-        base, save_path, quantize=requantize, dequantize=bool(quantization) and not requantize,
-        q_bits=bits, q_group_size=group, dtype=dtype, force=force, check=False, replace=fused,
-        log=log, progress=progress,
-    )  # fmt: skip
-    save_path = Path(save_path).expanduser()
-    log("Comparing the fused model with base + adapter on the calibration prompts")
-    compute = check_dtype(base, None)
-    inputs = calibration_inputs(load_processor(base))
-    advance = counter(3 * sum(item["input_ids"].shape[1] for item in inputs), check_progress)
-    cpu = not mx.metal.is_available()
+        def write(entry: Report) -> None:
+            metrics.write(json.dumps(entry.row()) + "\n")
+            metrics.flush()
+            last.update(entry.row())
+            if report is not None:
+                report(entry)
 
-    def adapted(d: str | None) -> DecoderModel:
-        loaded = load_model(base, d)
-        load_adapter(loaded, adapter_path)
-        return loaded
+        def step_done(iteration: int) -> None:
+            if progress is not None:
+                status = (
+                    f"it {iteration}, loss {last.get('train_loss', float('nan')):.3f}, "
+                    f"lr {schedule.learning_rate:g}, {last.get('tokens_per_second', 0):.1f} tok/s"
+                )
+                progress(iteration - start, schedule.iters, status)
 
-    reference = calibration_log_probs(adapted, inputs, compute, cpu, advance)
-    merged = calibration_log_probs(lambda d: load_model(save_path, d), inputs, compute, cpu,
-                                   advance)  # fmt: skip
-    alone = calibration_log_probs(lambda d: load_model(base, d), inputs, compute, cpu, advance)
-    report = FuseReport(len(reference), *agreement(reference, merged), *agreement(reference, alone))
-    log(str(report))
-    return report
+        features = encode_dataset_images(model, processor, images, encoding)
+        train(model, train_set, val_set, features, schedule, adapter_path / ADAPTER_WEIGHTS,
+              start=start, report=write, step_done=step_done)  # fmt: skip
+    return start, last

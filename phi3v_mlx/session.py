@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -20,26 +19,10 @@ from .generate import (
     collect,
     decode,
 )
+from .keys import ImageKey, common_prefix, image_digest
 from .memory import PeakMemory
 from .models.base import DecoderModel
 from .processor import ImageInput, Processor
-
-ImageKey = tuple[str, int]  # (pixel digest, num_crops)
-
-
-def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
-    """Length of the longest common prefix of two sequences."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def image_digest(image: Any) -> str:
-    """A digest of an RGB PIL image's size and pixels."""
-    return hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
 
 
 @dataclass
@@ -197,7 +180,7 @@ class ChatSession:
             raise
         steps = decode(
             self.model, self.processor, ids[prefix:], embeddings, self._cache, settings,
-            started=started, peak=peak, progress=progress,
+            started=started, peak=peak, progress=progress, context=ids[:prefix],
         )  # fmt: skip
         self._turn = _Turn(message, image_keys, ids, steps, peak)
         return self._turn

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 import phi3v_mlx
 from phi3v_mlx import cli
-from phi3v_mlx.batch import StopStrings, as_request
+from phi3v_mlx.batch import Request, StopStrings, as_request
 from phi3v_mlx.generate import SamplingOptions
+from phi3v_mlx.keys import common_prefix
 from tests.conftest import IMAGES, MODELS, load_variant, open_image
 from tests.helpers import count_vision_runs
 
@@ -299,3 +300,74 @@ def test_kept_caches_hold_what_was_fed_however_a_row_ended():
             length = event.cache.offset
             got, expected = kept.keys[..., :length, :], want.keys[..., :length, :]
             assert mx.allclose(got, expected, atol=1e-4), event.result.finish_reason
+
+
+def test_a_row_whose_own_work_raises_fails_alone():
+    """Whatever a row's own work raises (here a seed slipped past the options' check), that
+    row ends with its error and the others are answered as generate() answers them."""
+    model, processor = load_variant("tiny-phi35v")
+    prompts = [f"<|user|>\nQuestion {i}<|end|>\n<|assistant|>\n" for i in range(3)]
+    broken = SamplingOptions(max_tokens=4, temperature=1.0)
+    broken.seed = 2**70
+    engine = phi3v_mlx.BatchEngine(model, processor, batch_size=3)
+    rows = [engine.submit(prompts[0], SamplingOptions(max_tokens=4)),
+            engine.submit(prompts[1], broken),
+            engine.submit(prompts[2], SamplingOptions(max_tokens=4))]  # fmt: skip
+    ended = {}
+    while engine.pending():
+        ended.update({e.row: e for e in engine.step() if e.result or e.error})
+    engine.close()
+    assert ended[rows[1]].error and ended[rows[1]].fault
+    for row, prompt in ((rows[0], prompts[0]), (rows[2], prompts[2])):
+        want = phi3v_mlx.generate(model, processor, prompt, max_tokens=4)
+        assert ended[row].result.tokens == want.tokens
+
+
+def test_token_id_rows_whose_slots_do_not_match_their_images_fail_alone():
+    model, processor = load_variant("tiny-phi35v")
+    image = open_image("b_small")
+    good = "<|user|>\nHello<|end|>\n<|assistant|>\n"
+    slots = processor.image_tokens(processor.load_images([image])[0], 1)
+    requests = [
+        good,
+        Request([1, 32010, -1, -1, 29871]),  # slots, no image
+        Request([1, 32010, *[-1] * (slots - 1), 29871], [image], num_crops=1),  # a short run
+        Request([1, 32010, *[-2] * slots, 29871], [image], num_crops=1),  # names image 2
+        Request([1, 32010, 29871], [image], num_crops=1),  # an image, no slots
+        {"prompt": good, "max_tokens": 3},
+    ]
+    seen = dict(phi3v_mlx.stream_batch_generate(model, processor, requests, max_tokens=5))
+    for index in (1, 2, 3, 4):
+        assert isinstance(seen[index], ValueError), (index, seen[index])
+        assert "image" in str(seen[index]) and "\n" not in str(seen[index])
+    assert seen[0].tokens == phi3v_mlx.generate(model, processor, good, max_tokens=5).tokens
+    assert len(seen[5].tokens) == 3
+
+
+def test_repetition_penalty_sees_the_reused_prefix():
+    """A row that reuses a kept cache penalizes the prompt's tokens as generate() does."""
+    model, processor = load_variant("tiny-phi35v")
+    first = "<|user|>\nName a colour.<|end|>\n<|assistant|>\n"
+    engine = phi3v_mlx.BatchEngine(model, processor, batch_size=2)
+    engine.submit(first, SamplingOptions(max_tokens=8), keep_cache=True)
+    (kept,) = [e for e in _drain(engine) if e.result is not None]
+    answer = processor.tokenizer.decode(kept.result.tokens)
+    follow = f"{first}{answer}<|end|>\n<|user|>\nAnd another?<|end|>\n<|assistant|>\n"
+    ids = processor.tokenize(follow, [])
+    shared = processor.tokenize(first, []) + kept.result.tokens
+    prefix = min(common_prefix(ids, shared), kept.cache.offset)
+    assert len(ids) - prefix < 20  # cached ids are within mlx-lm's repetition context
+    options = SamplingOptions(max_tokens=12, repetition_penalty=3.0)
+    engine.submit(follow, options, cache=kept.cache, prefix=prefix)
+    (again,) = [e for e in _drain(engine) if e.result is not None]
+    engine.close()
+    want = phi3v_mlx.generate(model, processor, follow, max_tokens=12, repetition_penalty=3.0)
+    assert again.result.prompt_tokens == len(ids) - prefix
+    assert again.result.tokens == want.tokens
+
+
+def _drain(engine):
+    events = []
+    while engine.pending():
+        events += engine.step()
+    return events

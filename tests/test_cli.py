@@ -282,3 +282,10 @@ def test_ctrl_c_in_chat_stops_the_answer_and_keeps_the_cache():
     assert "(stopped)" in err and "Traceback" not in err
     prompts = [int(n) for n in re.findall(r"Prompt: (\d+) tokens", err)]
     assert len(prompts) == 1 and prompts[0] < 30  # only the follow-up's tokens were read
+
+
+def test_a_negative_seed_samples_instead_of_failing():
+    args = ["generate", "--model", TINY, "-p", "hi", "-m", "3", "--temp", "1", "--seed"]
+    minus_one = runner.invoke(cli.app, [*args, "-1"])
+    assert minus_one.exit_code == 0, minus_one.output
+    assert minus_one.stdout == runner.invoke(cli.app, [*args, str(2**64 - 1)]).stdout

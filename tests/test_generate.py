@@ -237,3 +237,22 @@ def test_a_prompt_over_the_context_is_refused_before_pixel_work(model35, monkeyp
     prompt = "<|user|>\n<|image_1|>\n" + "word " * 8000 + "<|end|>\n"
     with pytest.raises(ValueError, match="over the model's context of 32,768"):
         phi3v_mlx.generate(model, processor, prompt, [image], bound)
+
+
+def test_any_integer_seed_is_a_seed(model35):
+    """-1 (what chat UIs send) and seeds past 64 bits are reduced modulo 2**64, not refused."""
+    from phi3v_mlx.generate import SamplingOptions
+
+    assert SamplingOptions(seed=-1).seed == 2**64 - 1
+    assert SamplingOptions(seed=2**64 + 5).seed == 5
+    model, processor = model35
+    prompt = "<|user|>\nTell me a story.<|end|>\n<|assistant|>\n"
+    kw = dict(max_tokens=6, temperature=1.0)
+    minus_one = phi3v_mlx.generate(model, processor, prompt, seed=-1, **kw)
+    assert (
+        minus_one.tokens
+        == phi3v_mlx.generate(model, processor, prompt, seed=2**64 - 1, **kw).tokens
+    )
+    assert phi3v_mlx.generate(model, processor, prompt, seed=2**64 + 5, **kw).tokens == (
+        phi3v_mlx.generate(model, processor, prompt, seed=5, **kw).tokens
+    )

@@ -12,8 +12,9 @@ from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 import phi3v_mlx
-from phi3v_mlx import cli, lora
+from phi3v_mlx import adapters, cli, lora
 from phi3v_mlx import convert as conv
+from phi3v_mlx import fuse as fusing
 from tests.conftest import IMAGES, MODELS, TEXT
 
 TARGETS = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj",
@@ -58,17 +59,17 @@ def trained(folder, data, iters=30, targets=TARGETS, fine_tune_type="lora", star
     model, processor = phi3v_mlx.load(folder, dtype="float32")
     examples, images = lora.load_dataset(data, processor, 1, 4096)
     mx.random.seed(0)
-    adapter = lora.AdapterSettings(rank=16, scale=20.0, targets=list(targets),
+    adapter = adapters.AdapterSettings(rank=16, scale=20.0, targets=list(targets),
                                    fine_tune_type=fine_tune_type)  # fmt: skip
-    lora.add_adapters(model, adapter)
-    start = lora.load_adapter_weights(model, start_file) if start_file else 0
+    adapters.add_adapters(model, adapter)
+    start = adapters.load_adapter_weights(model, start_file) if start_file else 0
     features = lora.encode_dataset_images(model, processor, images)
     out = data.parent / "adapter"
     out.mkdir(exist_ok=True)
-    (out / lora.ADAPTER_CONFIG).write_text(json.dumps(lora.adapter_config(adapter)))
+    (out / adapters.ADAPTER_CONFIG).write_text(json.dumps(adapters.adapter_config(adapter)))
     options = lora.TrainSettings(iters=iters, batch_size=4, learning_rate=3e-3,
                                  steps_per_report=1, **settings)  # fmt: skip
-    reports = lora.train(model, examples, [], features, options, out / lora.ADAPTER_WEIGHTS,
+    reports = lora.train(model, examples, [], features, options, out / adapters.ADAPTER_WEIGHTS,
                          start=start)  # fmt: skip
     return model, processor, reports, out
 
@@ -105,7 +106,7 @@ def test_fused_model_equals_base_plus_adapter(data, tmp_path, kind):
     adapted, processor, _, adapter = trained(base, data, iters=3, fine_tune_type=kind)
     loaded, _ = phi3v_mlx.load(base, dtype="float32", adapter_path=adapter)
     fused_path = tmp_path / "fused"
-    report = lora.fuse(base, adapter, fused_path, dtype="float32", log=lambda _: None)
+    report = fusing.fuse(base, adapter, fused_path, dtype="float32", log=lambda _: None)
     fused, _ = phi3v_mlx.load(fused_path, dtype="float32")
     plain, _ = phi3v_mlx.load(base, dtype="float32")
     image = IMAGES / "b_small.png"
@@ -127,7 +128,7 @@ def test_qlora_trains_and_the_requantized_fusion_keeps_the_adapter(data, tmp_pat
     assert type(layer).__name__ == "LoRALinear" and type(layer.linear).__name__ == "QuantizedLinear"
     losses = [r.train_loss for r in reports]
     assert losses[-1] < losses[0] * 0.7
-    report = lora.fuse(base, adapter, tmp_path / "fused-q8", log=lambda _: None)
+    report = fusing.fuse(base, adapter, tmp_path / "fused-q8", log=lambda _: None)
     config = json.loads((tmp_path / "fused-q8" / "config.json").read_text())
     assert config["quantization"]["bits"] == 8
     # The fused model sits with base + adapter, far from the base alone.
@@ -141,7 +142,7 @@ def test_resume_continues_the_loss_curve(tmp_path):
     folder = MODELS / "tiny-phi3v"
     _, _, first, adapter = trained(folder, data, iters=10)
     saved = adapter / "resume.safetensors"
-    shutil.copy(adapter / lora.ADAPTER_WEIGHTS, saved)
+    shutil.copy(adapter / adapters.ADAPTER_WEIGHTS, saved)
     _, _, again, _ = trained(folder, data, iters=10, start_file=saved)
     assert [r.iteration for r in again] == list(range(11, 21))
     start, end = first[0].train_loss, first[-1].train_loss
@@ -181,14 +182,15 @@ def test_lora_and_fuse_commands(data, tmp_path, monkeypatch, capsys):
             str(val), "--adapter-path", str(out), "--iters", "6", "--batch-size", "2",
             "--learning-rate", "1e-3", "--steps-per-report", "2", "--steps-per-eval", "3",
             "--save-every", "4", "--num-crops", "1", "--dtype", "float32",
-            "--target-modules", "self_attn.o_proj", "--target-modules", "lm_head"]  # fmt: skip
+            "--target-modules", "self_attn.o_proj,mlp.down_proj",
+            "--target-modules", "lm_head"]  # fmt: skip
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "train_loss" in r] == [2, 4, 6]
     assert [r["iteration"] for r in rows if "val_loss" in r] == [3, 6]
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["lora_parameters"]["keys"] == ["self_attn.o_proj", "lm_head"]
+    assert config["lora_parameters"]["keys"] == ["self_attn.o_proj", "mlp.down_proj", "lm_head"]
     weights = mx.load(str(out / "adapters.safetensors"))
     assert "lm_head.lora_a" in weights and "model.layers.1.self_attn.o_proj.lora_b" in weights
     assert (out / "0000004_adapters.safetensors").is_file()
@@ -230,7 +232,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(data):
     model, processor = phi3v_mlx.load(MODELS / "tiny-phi35v", dtype="float32")
     examples, images = lora.load_dataset(data, processor, 1, 4096)
     mx.random.seed(1)
-    lora.add_adapters(model, lora.AdapterSettings(rank=4))
+    adapters.add_adapters(model, adapters.AdapterSettings(rank=4))
     for layer in model.language.layers:  # non-zero adapters, so every gradient flows
         layer.self_attn.o_proj.lora_b = mx.random.normal(layer.self_attn.o_proj.lora_b.shape)
     features = lora.encode_dataset_images(model, processor, images)
@@ -243,3 +245,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(data):
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     for name, want in grads[0][1].items():
         np.testing.assert_allclose(np.array(grads[1][1][name]), np.array(want), atol=1e-6)
+
+
+def test_training_reads_long_rows_with_the_sliding_window_inference_uses(tmp_path):
+    """Phi-3-mini-4k attends within 2047 positions: its loss in training is the loss of the
+    function it runs."""
+    model, processor = phi3v_mlx.load(TEXT / "models" / "tiny-phi3-4k", dtype="float32")
+    data = tmp_path / "long.jsonl"
+    row = {"messages": [_user("word " * 2100), {"role": "assistant", "content": "Noted."}]}
+    data.write_text(json.dumps(row))
+    examples, _ = lora.load_dataset(data, processor, 1, 4096)
+    assert len(examples[0].ids) > model.config.sliding_window + 20
+    batch = lora._batch(model, examples, {})
+    value, count = lora.loss(model, batch)
+    embeddings, targets, mask, _ = batch
+    logits = model.logits(model.hidden(embeddings))[0, :-1].astype(mx.float32)
+    rows = mx.array(np.flatnonzero(np.array(mask[0])))
+    want = nn.losses.cross_entropy(logits[rows], targets[0][rows]).mean()
+    assert int(count.item()) == rows.size
+    assert float(value.item()) == pytest.approx(float(want.item()), abs=1e-5)

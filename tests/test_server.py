@@ -461,3 +461,122 @@ def test_an_engine_fault_is_a_500_and_the_server_goes_on(monkeypatch):
     assert again.status_code == 200
     want = reference([{"role": "user", "content": "Hi"}], [], 3).text
     assert again.json()["choices"][0]["message"]["content"] == want
+
+
+def test_null_fields_are_unset_and_no_op_fields_are_accepted(server):
+    post = lambda body: httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)  # noqa: E731
+    hello = [{"role": "user", "content": "Hi"}]
+    nulls = dict.fromkeys(
+        ["max_completion_tokens", "temperature", "top_p", "stop", "n", "stream", "stream_options",
+         "num_crops", "tools", "tool_choice", "functions", "function_call", "logprobs",
+         "top_logprobs", "response_format", "presence_penalty", "frequency_penalty", "user"]
+    )  # fmt: skip
+    answer = post({"messages": hello, "max_tokens": 3, "seed": -1, **nulls})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 3
+    no_ops = {"response_format": {"type": "text"}, "tool_choice": "none", "tools": [],
+              "logprobs": False, "top_logprobs": 0, "parallel_tool_calls": False}  # fmt: skip
+    assert post({"messages": hello, "max_tokens": 2, **no_ops}).status_code == 200
+    for name, value in (("top_logprobs", 2), ("response_format", {"type": "json_object"}),
+                        ("tool_choice", "auto"), ("logprobs", True)):  # fmt: skip
+        refused = post({"messages": hello, "max_tokens": 2, name: value})
+        assert refused.status_code == 400 and error_of(refused)["param"] == name, name
+
+
+def test_errors_outside_the_handlers_have_the_openai_shape(server):
+    missing = httpx.get(f"{server}/v1/nothing")
+    assert missing.status_code == 404 and error_of(missing)["type"] == "not_found_error"
+    wrong = httpx.get(f"{server}/v1/chat/completions")
+    assert wrong.status_code == 405 and error_of(wrong)["message"]
+
+
+def test_a_body_over_the_limit_is_answered_413_the_client_can_read():
+    import urllib.error
+    import urllib.request
+
+    body = b'{"messages": [], "padding": "' + b"x" * 4_000_000 + b'"}'
+    with live_server(max_body_mb=0.1) as base:
+        request = urllib.request.Request(f"{base}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 413
+        assert "larger than 0.1 MB" in refused.value.read().decode()
+        with pytest.raises(openai.APIStatusError) as official:
+            client(base).chat.completions.create(
+                model="tiny", max_tokens=2,
+                messages=[{"role": "user", "content": "word " * 30_000}],
+            )  # fmt: skip
+        assert official.value.status_code == 413
+
+
+def test_a_non_streaming_client_that_hangs_up_is_cancelled(monkeypatch):
+    from phi3v_mlx.server.engine import EngineThread
+
+    cancelled = []
+    original = EngineThread.cancel
+    monkeypatch.setattr(EngineThread, "cancel",
+                        lambda self, job: (cancelled.append(job), original(self, job)))  # fmt: skip
+    long = {"messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 3000,
+            "temperature": 0}  # fmt: skip
+    with live_server(batch_size=1, queue_size=0) as base:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/chat/completions", json=long, timeout=1.5)
+        _wait_idle(base)
+        assert len(cancelled) == 1  # the generation was stopped, not run to its end
+        answer = httpx.post(f"{base}/v1/chat/completions", timeout=60,
+                            json={**long, "max_tokens": 2})  # fmt: skip
+        assert answer.status_code == 200
+
+
+def test_models_are_listed_by_id_not_by_path(monkeypatch):
+    from typer.testing import CliRunner
+
+    from phi3v_mlx import cli, server
+
+    calls = []
+    monkeypatch.setattr(server, "serve", lambda model, processor, settings, host, port:
+                        calls.append(settings))  # fmt: skip
+    tiny = str(Path(__file__).parent / "fixtures" / "models" / "tiny-phi35v")
+    assert CliRunner().invoke(cli.app, ["serve", "--model", tiny]).exit_code == 0
+    assert calls[0].model_name == "tiny-phi35v"
+
+
+def test_the_prompt_store_copies_only_a_useful_shared_prefix():
+    import mlx.core as mx
+
+    from phi3v_mlx.server.store import PromptStore
+
+    model, _ = load_variant("tiny-phi35v")
+    ids = list(range(100, 400))
+    cache = model.make_cache()
+    model.hidden(model.merge(mx.array([ids]), []), cache)
+    store = PromptStore(10**9)
+    store.keep_prompt(ids, cache)
+    copied, length = store.copy_longest_prefix([*ids[:120], 7, 8, 9])
+    assert length == 120 and copied.offset == 120
+    assert all(layer.keys.shape[2] == 120 for layer in copied)  # not the whole entry
+    model.hidden(model.merge(mx.array([[7, 8, 9]]), []), copied)
+    kept, again = store.copy_longest_prefix(ids)
+    assert again == 300 and mx.array_equal(kept[0].keys[..., :300, :], cache[0].keys[..., :300, :])
+    assert store.copy_longest_prefix([*ids[:4], 1, 2]) == (None, 0)  # too short to be worth it
+
+
+def test_stored_image_features_hold_only_their_own_bytes():
+    import gc
+
+    import mlx.core as mx
+
+    from phi3v_mlx.server.store import PromptStore
+
+    store = PromptStore(10**9)
+    gc.collect()
+    before = mx.get_active_memory()
+    run = mx.random.normal((4000, 1000))  # one vision run's output, 16 MB
+    mx.eval(run)
+    first, _ = mx.split(run, [1000])
+    store.put("key", first)
+    del run, first, _
+    gc.collect()
+    held = mx.get_active_memory() - before
+    assert store.nbytes == 4_000_000 and held < 2 * store.nbytes, held

@@ -243,3 +243,14 @@ def test_seeded_streams_interleaved_or_on_threads_reproduce(loaded):
     assert threaded == alone[0]
     other = phi3v_mlx.generate(model, processor, prompts[0], seed=8, **kw).tokens
     assert other != alone[0]
+
+
+def test_repetition_penalty_turns_equal_generate(loaded):
+    """The penalty sees the cached conversation, as generate() on it does."""
+    model, processor = loaded
+    session = ChatSession(model, processor)
+    for text in ("Say a word.", "Again.", "Once more.", "And again.", "Last one."):
+        answer = session.send(text, max_tokens=6, repetition_penalty=3.0)
+        prompt = processor.apply_chat_template(session.messages[:-1])
+        want = phi3v_mlx.generate(model, processor, prompt, max_tokens=6, repetition_penalty=3.0)
+        assert answer.tokens == want.tokens, text

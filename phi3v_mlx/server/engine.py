@@ -1,0 +1,159 @@
+"""The engine thread: one batch engine decoding every request in flight, fed by the web
+handlers' event loop and answering it with row events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ..batch import BatchEngine, Request, RowEvent
+from ..generate import SamplingOptions
+from ..models.base import DecoderModel
+from ..processor import Processor
+from .settings import ApiError, ServerSettings
+from .store import PromptStore
+
+log = logging.getLogger("phi3v_mlx.server")
+
+
+@dataclass
+class Job:
+    """One chat completion in the engine: what to run and where its events go."""
+
+    request: Request
+    options: SamplingOptions
+    keys: list[Any]  # the prompt's positions, image-aware
+    image_keys: list[Any]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    row: int | None = None
+    cached_tokens: int = 0
+    prompt_tokens: int = 0
+
+    def error(self, event: RowEvent) -> ApiError:
+        """The answer to a row that ended with an error: a 400 if the request is to blame,
+        else a 500."""
+        if event.fault:
+            return ApiError(500, event.error, code="generation_failed")
+        return ApiError(400, event.error, param="messages")
+
+
+class EngineThread(threading.Thread):
+    """Runs the batch engine: takes jobs and cancellations, steps, hands events back to the
+    handlers' event loop. Admission is bounded: ``reserve`` refuses past the capacity."""
+
+    def __init__(self, model: DecoderModel, processor: Processor, settings: ServerSettings):
+        super().__init__(name="phi3v-engine", daemon=True)
+        self.model, self.processor, self.settings = model, processor, settings
+        self.capacity = settings.batch_size + settings.queue_size
+        self.store = PromptStore(int(settings.prompt_cache_gb * 1e9))
+        self._intake: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._reserved = 0
+        self._stopping = threading.Event()
+        self._jobs: dict[int, Job] = {}
+
+    def reserve(self) -> bool:
+        with self._lock:
+            if self._reserved >= self.capacity:
+                return False
+            self._reserved += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._reserved -= 1
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._reserved
+
+    def submit(self, job: Job) -> None:
+        self._intake.put(("submit", job))
+
+    def cancel(self, job: Job) -> None:
+        self._intake.put(("cancel", job))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._intake.put(("stop", None))
+
+    def _engine(self) -> BatchEngine:
+        return BatchEngine(self.model, self.processor, batch_size=self.settings.batch_size,
+                           interleave=True, features=self.store)  # fmt: skip
+
+    def run(self) -> None:
+        engine = self._engine()
+        try:
+            while not self._stopping.is_set():
+                self._take(engine, block=engine.pending() == 0)
+                if engine.pending():
+                    try:
+                        events = engine.step()
+                    except Exception as e:  # a fault fails what is in flight, and only that
+                        log.exception("engine step failed")
+                        self._fail_all(engine, f"generation failed: {e}")
+                        engine.close()
+                        engine = self._engine()
+                        continue
+                    for event in events:
+                        self._deliver(event)
+        finally:
+            engine.close()
+
+    def _take(self, engine: BatchEngine, block: bool) -> None:
+        try:
+            command, job = self._intake.get(timeout=0.5) if block else self._intake.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if command == "submit":
+                try:
+                    cache, prefix = self.store.copy_longest_prefix(job.keys)
+                except Exception:  # reuse is a saving, never a reason to fail the request
+                    log.exception("prompt cache reuse failed")
+                    cache, prefix = None, 0
+                job.row = engine.submit(
+                    job.request,
+                    job.options,
+                    keep_cache=True,
+                    cache=cache,
+                    prefix=prefix,
+                    image_keys=job.image_keys,
+                )
+                self._jobs[job.row] = job
+            elif command == "cancel" and job.row in self._jobs:
+                engine.cancel(job.row)
+                del self._jobs[job.row]
+                self.release()
+            try:
+                command, job = self._intake.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, event: RowEvent) -> None:
+        job = self._jobs.get(event.row)
+        if job is None:
+            return
+        if event.result is not None or event.error is not None:
+            del self._jobs[event.row]
+            self.release()
+            if event.fault:
+                log.error("request failed: %s", event.error)
+            if event.result is not None:
+                job.prompt_tokens = len(job.keys)
+                job.cached_tokens = len(job.keys) - event.result.prompt_tokens
+                if event.cache is not None:
+                    fed = job.keys + event.result.tokens
+                    self.store.keep_prompt(fed[: event.cache.offset], event.cache)
+        job.loop.call_soon_threadsafe(job.events.put_nowait, event)
+
+    def _fail_all(self, engine: BatchEngine, message: str) -> None:
+        for row in list(self._jobs):
+            engine.cancel(row)
+            self._deliver(RowEvent(row, error=message, fault=True))
