@@ -362,7 +362,9 @@ class LanguageModel(nn.Module):
             layers = [KVCache() for _ in self.layers]
         else:
             layers = [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in self.layers]
-        return PromptCache(layers, RopeState(self.config.original_max_position_embeddings))
+        # Inputs are kept for a switch of rope factors, which needs a rope scaling to happen.
+        kept = self.config.original_max_position_embeddings if self.config.rope_scaling else 0
+        return PromptCache(layers, RopeState(kept))
 
     def run(
         self,
