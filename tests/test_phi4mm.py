@@ -287,6 +287,17 @@ def test_both_layouts_and_our_own_load_to_the_same_tensors(model):
             assert mx.array_equal(tensors[name], value), name
 
 
+def test_a_checkpoint_without_adapters_refuses_media_but_reads_text():
+    from phi3v_mlx.models.phi4mm import Model
+
+    bare = Model(ModelConfig.from_dict(json.loads((CHECKPOINT / "config.json").read_text())))
+    assert bare.adapter_key({}) is None
+    with pytest.raises(ValueError, match="no vision adapter"):
+        bare.adapter_key({"pixel_values": mx.zeros((1,))})
+    with pytest.raises(ValueError, match="no speech adapter"):
+        bare.adapter_key({"audio_features": mx.zeros((1,))})
+
+
 def test_an_mlx_vlm_conversion_is_refused_in_one_line(model):
     with pytest.raises(ValueError, match="mlx-vlm's conversion"):
         model.sanitize({"language_model.model.norm.weight": mx.ones(64)})

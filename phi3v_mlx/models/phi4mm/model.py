@@ -130,7 +130,13 @@ class Model(DecoderModel):
             key = "speech"
         else:
             return None
-        return key if key in self.adapter_configs else None
+        if key not in self.adapter_configs:
+            raise ValueError(
+                f"this checkpoint has no {key} adapter ({key}-lora/ or {key}_lora in "
+                f"config.json): its answers to {'images' if key == 'vision' else 'audio'} "
+                "would not be the model's"
+            )
+        return key
 
     def encode(
         self, inputs: Mapping[str, Any], between_batches: Callable[[], None] | None = None
