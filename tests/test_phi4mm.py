@@ -355,6 +355,13 @@ def test_prompt_text_becomes_the_reference_ids(processor):
     assert {200020, 199999} <= processor.stop_ids
 
 
+def test_a_text_prompt_generates_text(model, processor):
+    prompt = processor.apply_chat_template([{"role": "user", "content": "Hello"}])
+    result = phi3v_mlx.generate(model, processor, prompt, max_tokens=4, temperature=0.0)
+    assert len(result.tokens) == 4
+    assert result.text == processor.tokenizer.decode(result.tokens, skip_special_tokens=True)
+
+
 def test_image_and_audio_tags_become_their_slots(processor):
     messages = [
         {
