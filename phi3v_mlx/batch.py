@@ -31,19 +31,23 @@ from .generate import (
 from .memory import PeakMemory, wired_limit
 from .models.base import DecoderModel, media_slots
 from .processor import ImageInput, Processor
+from .recordings import RowAudio, media_adapter
 
 
 @dataclass
 class Request:
-    """One generation of a batch: a chat-formatted prompt (or token ids, image slots negative),
-    the images its ``<|image_N|>`` tags name, and what differs from the batch's sampling
-    settings (``options``: any :class:`SamplingOptions` field, such as ``max_tokens``)."""
+    """One generation of a batch: a chat-formatted prompt (or token ids, media slots negative:
+    the images, then the audios), the images its ``<|image_N|>`` tags name and the recordings
+    its ``<|audio_N|>`` tags name (a model that reads audio), and what differs from the batch's
+    sampling settings (``options``: any :class:`SamplingOptions` field, such as
+    ``max_tokens``)."""
 
     prompt: str | Sequence[int]
     images: Sequence[ImageInput] = ()
     num_crops: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     stop: Sequence[str] = ()
+    audios: Sequence[Any] = ()
 
 
 RequestLike = Request | str | dict[str, Any]
@@ -51,13 +55,14 @@ RequestLike = Request | str | dict[str, Any]
 
 def as_request(item: RequestLike) -> Request:
     """A :class:`Request` from itself, a prompt string, or a dict with the request's fields
-    (``prompt``, ``images``, ``num_crops``, ``stop``) and sampling options."""
+    (``prompt``, ``images``, ``audios``, ``num_crops``, ``stop``) and sampling options."""
     if isinstance(item, Request):
         return item
     if isinstance(item, str):
         return Request(item)
     if isinstance(item, dict):
-        fields = {k: item[k] for k in ("prompt", "images", "num_crops", "stop") if k in item}
+        names = ("prompt", "images", "audios", "num_crops", "stop")
+        fields = {k: item[k] for k in names if k in item}
         options = {k: v for k, v in item.items() if k not in fields}
         if "prompt" not in fields:
             raise ValueError("a request needs a prompt")
@@ -150,6 +155,7 @@ class _Row:
     cache: PromptCache | None = None
     prefix: int = 0  # prompt positions the reused cache holds
     image_keys: Sequence[Any] = ()  # per image, its key in the feature store
+    audio: Any = None  # the row's recordings (RowAudio), if any
     peak: PeakMemory | None = None
     ids: list[int] = field(default_factory=list)  # the prompt, image slots negative
     features: list[mx.array | None] = field(default_factory=list)
@@ -316,6 +322,7 @@ class BatchEngine:
             try:
                 images = self._prepare(row)
                 missing = self._fill_known_features(row, images)
+                missing = self._fill_audio(row, missing, len(images))
                 if missing:
                     pixels = self.processor.preprocess([images[k] for k in missing],
                                                        row.request.num_crops)  # fmt: skip
@@ -360,22 +367,45 @@ class BatchEngine:
             raise ValueError("kv_bits and max_kv_size are not supported in batched generation")
         crops = self.processor.crops(request.num_crops)
         images = self.processor.load_images(list(request.images))
+        counts = [self.processor.image_tokens(image, crops) for image in images]
+        if request.audios:
+            row.audio = RowAudio.load(self.processor, request.audios, vision=bool(images))
+        sounds = row.audio.tokens if row.audio is not None else []
         if isinstance(request.prompt, str):
-            counts = [self.processor.image_tokens(image, crops) for image in images]
-            row.ids = self.processor.tokenize(request.prompt, counts)
+            if sounds:
+                row.ids = self.processor.tokenize(request.prompt, counts, sounds)
+            else:
+                row.ids = self.processor.tokenize(request.prompt, counts)
         else:
             row.ids = [int(t) for t in request.prompt]
             if not row.ids:
                 raise ValueError("the prompt is empty")
             self.processor.check_length(len(row.ids))
-            check_slots(row.ids, [self.processor.image_tokens(image, crops) for image in images])
+            check_slots(row.ids, counts + sounds, len(counts))
+        adapter = media_adapter(self.model, bool(images), bool(sounds))
+        if row.cache is not None and getattr(row.cache, "adapter", None) != adapter:
+            row.cache = None  # its positions were read with another adapter
         if row.cache is not None:
             row.prefix = min(row.prefix, len(row.ids) - 1)
             if not row.cache.trim_to(row.prefix):
                 row.cache = None
         if row.cache is None:
             row.cache, row.prefix = self.model.make_cache(), 0
+        if adapter is not None:
+            row.cache.adapter = adapter
         return images
+
+    def _fill_audio(self, row: _Row, missing: list[int], images: int) -> list[int]:
+        """Encode the row's recordings (all in one run, as ``generate()`` does) when a slot
+        after the reused prefix needs them or the feature store lacks them; the images still
+        missing."""
+        audio_missing = [k for k in missing if k >= images]
+        if row.audio is None or not audio_missing:
+            return missing
+        features = row.audio.features(self.model, self.features)
+        for k in audio_missing:
+            row.features[k] = features[k - images]
+        return [k for k in missing if k < images]
 
     def _fill_known_features(self, row: _Row, images: list[Any]) -> list[int]:
         """Fill the row's image features from the feature store; the images it still needs
@@ -384,8 +414,9 @@ class BatchEngine:
         needed = {k for begin, length, k in media_slots(np.asarray(row.ids))
                   if begin + length > row.prefix}  # fmt: skip
         missing = []
+        row.features += [None] * (len(row.audio.tokens) if row.audio is not None else 0)
         for k in sorted(needed):
-            key = row.image_keys[k] if row.image_keys else None
+            key = row.image_keys[k] if k < len(row.image_keys) else None
             known = self.features.get(key) if self.features is not None and key else None
             if known is None:
                 missing.append(k)
@@ -536,22 +567,28 @@ def stream_batch_generate(
         engine.close()
 
 
-def check_slots(ids: Sequence[int], counts: Sequence[int]) -> None:
-    """Refuse prompt ids whose image slots do not match the images, image k filling one run of
-    ``counts[k]`` slots (id ``-(k + 1)``), with a ValueError naming the mismatch."""
+def check_slots(ids: Sequence[int], counts: Sequence[int], images: int | None = None) -> None:
+    """Refuse prompt ids whose media slots do not match the media, item k filling one run of
+    ``counts[k]`` slots (id ``-(k + 1)``), with a ValueError naming the mismatch; the first
+    ``images`` items (all by default) are images, the rest recordings."""
+    images = len(counts) if images is None else images
+
+    def name(k: int) -> str:
+        return f"image {k + 1}" if k < images else f"audio {k - images + 1}"
+
     runs = media_slots(np.asarray(ids))
     for _, length, k in runs:
         if k >= len(counts):
-            raise ValueError(
-                f"the prompt has slots for image {k + 1} but {len(counts)} image(s) were given"
-            )
+            what = "image" if images == len(counts) else "media item"
+            raise ValueError(f"the prompt has slots for {what} {k + 1} but {len(counts)} "
+                             f"{what}(s) were given")  # fmt: skip
         if length != counts[k]:
-            raise ValueError(f"image {k + 1} fills {counts[k]} slots but the prompt has a run "
+            raise ValueError(f"{name(k)} fills {counts[k]} slots but the prompt has a run "
                              f"of {length}")  # fmt: skip
     named = {k for _, _, k in runs}
     for k in range(len(counts)):
         if k not in named:
-            raise ValueError(f"image {k + 1} is given but the prompt has no slots for it")
+            raise ValueError(f"{name(k)} is given but the prompt has no slots for it")
 
 
 def batch_generate(

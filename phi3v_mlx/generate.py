@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,7 @@ from .models.base import DecoderModel
 from .processor import IMAGE_TAG, ImageInput, Processor
 
 Progress = Callable[[int, int], None]
+AUDIO_TAG = re.compile(r"<\|audio_(\d+)\|>")
 
 
 def default_prefill_step() -> int:
@@ -344,16 +346,25 @@ def decode(
 
 
 def chat_prompt(
-    processor: Processor, question: str, images: int = 0, system: str | None = None
+    processor: Processor,
+    question: str,
+    images: int = 0,
+    system: str | None = None,
+    audios: int = 0,
 ) -> str:
-    """One question in the chat format, after ``system`` if given, with ``images`` images ahead
-    of it, unless it places them itself with ``<|image_N|>`` tags."""
+    """One question in the chat format, after ``system`` if given, with ``images`` images and
+    then ``audios`` recordings ahead of it, unless it places them itself with ``<|image_N|>``
+    (``<|audio_N|>``) tags."""
+    if audios and getattr(processor, "audio_processor", None) is None:
+        raise ValueError("this model reads no audio")
     messages = [{"role": "system", "content": system}] if system else []
-    if IMAGE_TAG.search(question):
+    own_images, own_audios = IMAGE_TAG.search(question), AUDIO_TAG.search(question)
+    if (own_images or not images) and (own_audios or not audios):
         messages.append({"role": "user", "content": question})
     else:
-        parts = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
-        messages.append({"role": "user", "content": parts})
+        parts = [{"type": "image"} for _ in range(0 if own_images else images)]
+        parts += [{"type": "audio"} for _ in range(0 if own_audios else audios)]
+        messages.append({"role": "user", "content": [*parts, {"type": "text", "text": question}]})
     return processor.apply_chat_template(messages)
 
 
