@@ -30,13 +30,18 @@ from .generate import (  # noqa: E402
 from .loader import float_dtype, load_model, load_processor, model_config, resolve  # noqa: E402
 from .models.base import DecoderModel  # noqa: E402
 from .processor import Processor, load_image  # noqa: E402
+from .recordings import audio_tokens, load_waves  # noqa: E402
 from .session import ChatSession  # noqa: E402
+from .speech import MAX_TOKENS as MAX_SPEECH_TOKENS  # noqa: E402
+from .speech import instruction, stream_transcription  # noqa: E402
 
 DEFAULT_MODEL = "mlx-community/Phi-3.5-vision-instruct-4bit"
+SPEECH_MODEL = "microsoft/Phi-4-multimodal-instruct"
 # Bad flags raise click's UsageError, which typer re-exports only through BadParameter.
 UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 CHAT_HELP = """Type a message and press Enter. Commands:
   /image PATH   attach an image to the next message (repeat for several)
+  /audio PATH   attach a recording to the next message (after its images)
   /clear        start a new conversation
   /help         show this help
   /exit         leave (Ctrl-D works too); Ctrl-C stops an answer, not the chat
@@ -74,6 +79,10 @@ ModelOption = Annotated[
 ImagesOption = Annotated[
     list[Path] | None,
     typer.Option("--image", metavar="PATH", help="Image file; repeat for several."),
+]
+AudiosOption = Annotated[
+    list[Path] | None,
+    typer.Option("--audio", metavar="PATH", help="Audio file (WAV, FLAC, OGG, MP3); repeatable."),
 ]
 SystemOption = Annotated[str | None, typer.Option("--system", help="System message.")]
 MaxTokensOption = Annotated[int, typer.Option("--max-tokens", "-m", help="Answer length limit.")]
@@ -248,6 +257,7 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question; - reads stdin.")],
     model: ModelOption = DEFAULT_MODEL,
     image: ImagesOption = None,
+    audio: AudiosOption = None,
     system: SystemOption = None,
     max_tokens: MaxTokensOption = 256,
     temp: TempOption = 0.0,
@@ -260,7 +270,7 @@ def generate(
     adapter_path: AdapterOption = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Answer one prompt about images, streamed to stdout."""
+    """Answer one prompt about images and recordings, streamed to stdout."""
     options = _options(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed,
                        kv_bits=kv_bits, max_kv_size=max_kv_size)  # fmt: skip
     group, first = _ranks()
@@ -269,14 +279,20 @@ def generate(
     text = sys.stdin.read() if prompt == "-" else prompt
     images = _check_images(list(image or []))
     path, processor = _processor(model, dtype, num_crops, quiet=not first)
-    prompt_text = chat_prompt(processor, text, len(images), system)
+    waves = load_waves(processor, list(audio)) if audio else []
+    prompt_text = chat_prompt(processor, text, len(images), system, audios=len(waves))
     crops = processor.crops(num_crops)
-    processor.tokenize(prompt_text, [processor.image_tokens(im, crops) for im in images])
+    counts = [processor.image_tokens(im, crops) for im in images]
+    if waves:
+        processor.tokenize(prompt_text, counts, audio_tokens(processor, waves))
+    else:
+        processor.tokenize(prompt_text, counts)
+    media = {"audios": waves} if waves else {}
     loaded_model = _weights(path, dtype, adapter_path, group)
     with Interrupt() as interrupt, _bars() as bar:
         chunks = stream_generate(
             loaded_model, processor, prompt_text, images=images or None, num_crops=num_crops,
-            progress=interrupt.checked(bar("Reading the prompt")), **vars(options),
+            progress=interrupt.checked(bar("Reading the prompt")), **media, **vars(options),
         )  # fmt: skip
         try:
             result = _echo(interrupt.stream(chunks))
@@ -317,11 +333,12 @@ def chat(
     adapter_path: AdapterOption = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """An interactive chat about images, one conversation."""
+    """An interactive chat about images and recordings, one conversation."""
     options = _options(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed,
                        kv_bits=kv_bits, max_kv_size=max_kv_size)  # fmt: skip
     pending = list(image or [])
     _check_images(pending)
+    sounds: list[Any] = []  # recordings for the next message, as 16 kHz waveforms
     interactive = sys.stdin.isatty()
     group, first = _ranks()
     path, processor = _processor(model, dtype, num_crops, quiet=not first)
@@ -355,7 +372,7 @@ def chat(
                 typer.echo(CHAT_HELP, err=True)
             elif command == "/clear":
                 session.reset()
-                pending = []
+                pending, sounds = [], []
                 typer.echo("(new conversation)", err=True)
             elif command == "/image":
                 if not argument.strip():
@@ -369,6 +386,18 @@ def chat(
                     continue
                 pending.append(path)
                 typer.echo(f"(image {len(session.images) + len(pending)} attached)", err=True)
+            elif command == "/audio":
+                if not argument.strip():
+                    error("/audio needs a path: /audio PATH")
+                    continue
+                heard = len(session.recordings.digests) + len(sounds)
+                try:
+                    sounds += load_waves(processor, Path(argument.strip()).expanduser(), heard)
+                except ValueError as e:
+                    error(str(e))
+                    continue
+                seconds = len(sounds[-1]) / 16_000
+                typer.echo(f"(audio {heard + 1} attached, {seconds:.1f} s)", err=True)
             else:
                 error(f"unknown command {command} (/help lists them)")
             continue
@@ -379,7 +408,7 @@ def chat(
         with Interrupt() as interrupt, _bars() as bar:
             try:
                 chunks = session.stream(
-                    text, images=pending, num_crops=num_crops,
+                    text, images=pending, num_crops=num_crops, audios=sounds or None,
                     progress=interrupt.checked(bar("Reading the prompt")), **vars(options),
                 )  # fmt: skip
                 result = _echo(interrupt.stream(chunks))
@@ -389,7 +418,7 @@ def chat(
                 error(str(e))
                 continue
         if len(session.messages) > turns:
-            pending = []  # the images went with the message (a message stopped early keeps none)
+            pending, sounds = [], []  # the media went with the message (stopped early: none)
         if interrupt.requested or result is None:
             typer.echo("(stopped)", err=True)
         elif verbose:
@@ -456,6 +485,77 @@ def batch(
             raise typer.Exit(130) from None
     if tally is not None:
         typer.echo(tally.line(output), err=True)
+
+
+@app.command()
+def transcribe(
+    files: Annotated[
+        list[Path], typer.Argument(help="Audio files (WAV, FLAC, OGG, MP3).", metavar="FILES")
+    ],
+    model: ModelOption = SPEECH_MODEL,
+    translate_to: Annotated[
+        str | None,
+        typer.Option("--translate-to", help="Translate to this language (name or ISO code)."),
+    ] = None,
+    hint: Annotated[
+        str | None,
+        typer.Option("--prompt", "-p", help="Context for the model: names, spellings, topic."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also write the texts (.jsonl or .txt).")
+    ] = None,
+    max_tokens: MaxTokensOption = MAX_SPEECH_TOKENS,
+    temp: TempOption = 0.0,
+    top_p: TopPOption = 1.0,
+    seed: SeedOption = None,
+    dtype: DtypeOption = None,
+    adapter_path: AdapterOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Transcribe (or translate) recordings, each text streamed to stdout as it comes."""
+    import json
+    import time
+
+    options = _options(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed)
+    instruction(translate_to, hint)  # the language is checked before anything loads
+    if output is not None and output.suffix.lower() not in (".jsonl", ".txt"):
+        raise ValueError(f"--output {output}: write .jsonl or .txt")
+    if output is not None and not output.parent.is_dir():
+        raise ValueError(f"--output {output}: the folder {output.parent} does not exist")
+    path, processor = _processor(model, dtype, None)
+    waves = [load_waves(processor, file, i)[0] for i, file in enumerate(files)]
+    loaded_model = _weights(path, dtype, adapter_path)
+    rows = []
+    for file, wave in zip(files, waves, strict=True):
+        if len(files) > 1:
+            typer.echo(f"== {file}", err=True)
+        seconds = len(wave) / 16_000
+        started = time.perf_counter()
+        with Interrupt() as interrupt, _bars() as bar:
+            chunks = stream_transcription(
+                loaded_model, processor, wave, translate_to, hint,
+                listening=interrupt.checked(bar(f"Listening ({seconds:.0f} s)")),
+                progress=interrupt.checked(bar("Reading")), **vars(options),
+            )  # fmt: skip
+            try:
+                result = _echo(interrupt.stream(chunks))
+            except KeyboardInterrupt:
+                result = None
+        if interrupt.requested or result is None:
+            typer.echo("(stopped)", err=True)
+            raise typer.Exit(130)
+        elapsed = time.perf_counter() - started
+        rows.append({"file": str(file), "text": result.text, "seconds": round(seconds, 3),
+                     "tokens": result.generation_tokens})  # fmt: skip
+        if verbose:
+            typer.echo(f"{summary(result)}\nAudio: {seconds:.1f} s in {elapsed:.1f} s "
+                       f"(real-time factor {elapsed / seconds:.3f})", err=True)  # fmt: skip
+    if output is not None:
+        if output.suffix.lower() == ".jsonl":
+            text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        else:
+            text = "".join(row["text"].strip() + "\n" for row in rows)
+        output.write_text(text, encoding="utf-8")
 
 
 @app.command()

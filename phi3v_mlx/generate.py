@@ -19,6 +19,7 @@ from .cache import PromptCache
 from .memory import PeakMemory, wired_limit
 from .models.base import DecoderModel
 from .processor import IMAGE_TAG, ImageInput, Processor
+from .thinking import render
 
 Progress = Callable[[int, int], None]
 AUDIO_TAG = re.compile(r"<\|audio_(\d+)\|>")
@@ -32,7 +33,9 @@ def default_prefill_step() -> int:
 
 @dataclass
 class GenerationChunk:
-    """One decoding step: the new text (possibly empty) and the running statistics."""
+    """One decoding step: the new text (possibly empty) and the running statistics; split by
+    reasoning mode (see ``phi3v_mlx.thinking``), ``text`` is the answer's and ``reasoning`` the
+    thought's."""
 
     text: str
     token: int | None
@@ -42,11 +45,13 @@ class GenerationChunk:
     generation_tps: float
     peak_memory: float
     finish_reason: str | None = None
+    reasoning: str = ""
 
 
 @dataclass
 class GenerationResult:
-    """A finished generation; ``tokens`` are the generated ids without the stop token."""
+    """A finished generation; ``tokens`` are the generated ids without the stop token (both
+    the reasoning's and the answer's)."""
 
     text: str
     tokens: list[int] = field(default_factory=list)
@@ -56,6 +61,7 @@ class GenerationResult:
     generation_tps: float = 0.0
     peak_memory: float = 0.0
     finish_reason: str | None = None
+    reasoning: str = ""
 
 
 @dataclass
@@ -164,8 +170,9 @@ def kv_group_size(model: DecoderModel) -> int:
 
 
 class AnswerText:
-    """Generated ids to the answer's text: stop ids end it, special ids are never shown, and
-    UTF-8 is streamed whole (mlx-lm's streaming detokenizer)."""
+    """Generated ids to the answer's text: stop ids end it, special ids are never shown (but the
+    reasoning markers a processor names in ``visible_special_tokens``), and UTF-8 is streamed
+    whole (mlx-lm's streaming detokenizer)."""
 
     def __init__(self, processor: Processor):
         tokenizer = processor.tokenizer
@@ -174,7 +181,9 @@ class AnswerText:
         if tokenizer is None:
             return
         special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        self.hidden = special | set(tokenizer.all_special_ids) | self.stops
+        vocab = tokenizer.get_vocab()
+        shown = {vocab[t] for t in getattr(processor, "visible_special_tokens", ()) if t in vocab}
+        self.hidden = ((special | set(tokenizer.all_special_ids)) - shown) | self.stops
         self.vocab = len(tokenizer)
         self.detokenizer = tokenizer.detokenizer
 
@@ -467,9 +476,10 @@ def stream_generate(
 
 def collect(chunks: Iterator[GenerationChunk], out: TextIO | None = None) -> GenerationResult:
     """Run a chunk stream to its end (echoing text to ``out`` if given) and sum it up."""
-    texts, tokens, last = [], [], None
+    texts, thoughts, tokens, last = [], [], [], None
     for last in chunks:
         texts.append(last.text)
+        thoughts.append(last.reasoning)
         if last.token is not None and last.finish_reason != "stop":
             tokens.append(last.token)
         if out is not None and last.text:
@@ -486,6 +496,7 @@ def collect(chunks: Iterator[GenerationChunk], out: TextIO | None = None) -> Gen
         generation_tps=last.generation_tps,
         peak_memory=last.peak_memory,
         finish_reason=last.finish_reason,
+        reasoning="".join(thoughts),
     )
 
 

@@ -23,6 +23,7 @@ from .keys import ImageKey, common_prefix, image_digest
 from .memory import PeakMemory
 from .models.base import DecoderModel
 from .processor import ImageInput, Processor
+from .thinking import split_chunks, split_text, template_options, thinking_mode
 
 
 @dataclass
@@ -34,7 +35,8 @@ class _Turn:
     ids: list[int]  # the whole rendered conversation, ending with the answer prompt
     steps: Iterator[GenerationChunk]
     peak: PeakMemory
-    texts: list[str] = field(default_factory=list)
+    mode: str | None  # the answer's reasoning mode (None: the model has none)
+    texts: list[str] = field(default_factory=list)  # the generated text, reasoning included
     tokens: list[int] = field(default_factory=list)  # generated ids fed to the cache
     ended: bool = False
 
@@ -51,12 +53,27 @@ class ChatSession:
     closing its stream would. A turn that ends early (its stream closed, Ctrl-C) keeps the answer
     as far as it was streamed, unless nothing was streamed yet; a turn that fails leaves no
     trace. Streams may be advanced from several threads: each step runs alone.
+
+    A model with thinking modes answers each turn in the mode its ``thinking`` option picks
+    ("on", "off", "auto"; None: "auto"), its chunks split into ``reasoning`` and ``text``. Later
+    turns re-send an answer's reasoning only with ``keep_reasoning``: by default the conversation
+    keeps the answer alone (``reasoning_content`` beside it in :attr:`messages`), so every turn's
+    thought costs context only while it is generated; the answer is then read again on the next
+    turn (the cache held it after the thought). With ``keep_reasoning`` the answer is re-sent as
+    generated (mode marker and thought included) and the cache is reused whole.
     """
 
-    def __init__(self, model: DecoderModel, processor: Processor, system: str | None = None):
+    def __init__(
+        self,
+        model: DecoderModel,
+        processor: Processor,
+        system: str | None = None,
+        keep_reasoning: bool = False,
+    ):
         self.model = model
         self.processor = processor
         self.system = system
+        self.keep_reasoning = keep_reasoning
         self._lock = threading.RLock()
         self._turn: _Turn | None = None
         self.reset()
@@ -82,19 +99,23 @@ class ChatSession:
         num_crops: int | None = None,
         *,
         progress: Progress | None = None,
+        thinking: str | None = None,
         **options: Any,
     ) -> Iterator[GenerationChunk]:
-        """Ask ``text`` (about ``images``, attached to this turn) and stream the answer.
+        """Ask ``text`` (about ``images``, attached to this turn) and stream the answer, in the
+        reasoning mode ``thinking`` for a model that has them (see the class).
 
         ``options`` are those of :func:`phi3v_mlx.stream_generate`; they are checked now.
         """
         settings = SamplingOptions(**options)
+        mode = thinking_mode(self.processor, thinking)
         if images is None:
             images = []
         elif not isinstance(images, (list, tuple)):
             images = [images]
         num_crops = self.processor.crops(num_crops)
-        return self._run(text, list(images), num_crops, settings, progress)
+        chunks = self._run(text, list(images), num_crops, settings, progress, mode)
+        return split_chunks(chunks, self.processor, mode)
 
     def send(
         self,
@@ -113,12 +134,13 @@ class ChatSession:
         num_crops: int,
         settings: SamplingOptions,
         progress: Progress | None,
+        mode: str | None,
     ) -> Iterator[GenerationChunk]:
         started = time.perf_counter()
         with self._lock:
             if self._turn is not None:
                 self._end(self._turn, keep=True)
-            turn = self._begin(text, images, num_crops, settings, started, progress)
+            turn = self._begin(text, images, num_crops, settings, started, progress, mode)
         try:
             while True:
                 with self._lock:
@@ -154,6 +176,7 @@ class ChatSession:
         settings: SamplingOptions,
         started: float,
         progress: Progress | None,
+        mode: str | None,
     ) -> _Turn:
         """Load and encode the turn's images, render the conversation and start decoding;
         an error here changes nothing."""
@@ -169,7 +192,9 @@ class ChatSession:
             sizes = {**{key: len(f) for key, f in self._features.items()},
                      **{key: self.processor.image_tokens(image, num_crops)
                         for key, image in zip(keys, loaded, strict=True)}}  # fmt: skip
-            prompt = self.processor.apply_chat_template([*self.messages, message])
+            prompt = self.processor.apply_chat_template(
+                [*self.messages, message], **template_options(mode)
+            )
             ids = self.processor.tokenize(prompt, [sizes[key] for key in image_keys])
             self._encode(keys, loaded, num_crops)
             features = [self._features[key] for key in image_keys]
@@ -182,7 +207,7 @@ class ChatSession:
             self.model, self.processor, ids[prefix:], embeddings, self._cache, settings,
             started=started, peak=peak, progress=progress, context=ids[:prefix],
         )  # fmt: skip
-        self._turn = _Turn(message, image_keys, ids, steps, peak)
+        self._turn = _Turn(message, image_keys, ids, steps, peak, mode)
         return self._turn
 
     def _end(self, turn: _Turn, keep: bool, complete: bool = False) -> None:
@@ -196,8 +221,7 @@ class ChatSession:
         turn.peak.close()
         fed = turn.ids + turn.tokens
         if keep and (complete or turn.tokens):
-            answer = "".join(turn.texts)
-            self.messages += [turn.message, {"role": "assistant", "content": answer}]
+            self.messages += [turn.message, self._answer(turn)]
             self.images = turn.image_keys
         if self._cache is not None:
             held = min(len(fed), self._cache.offset, self._cache.rope.length)
@@ -205,6 +229,16 @@ class ChatSession:
                 self._ids = fed[:held]
             else:
                 self._cache, self._ids = None, []
+
+    def _answer(self, turn: _Turn) -> dict[str, Any]:
+        """The assistant message a turn's generated text becomes (see the class)."""
+        text = "".join(turn.texts)
+        if turn.mode is None:
+            return {"role": "assistant", "content": text}
+        reasoning, answer, _ = split_text(self.processor, turn.mode, text)
+        if self.keep_reasoning:
+            answer = self.processor.thinking_modes[turn.mode] + text
+        return {"role": "assistant", "content": answer, "reasoning_content": reasoning}
 
     def _encode(self, keys: list[ImageKey], images: list[Any], num_crops: int) -> None:
         """Encode the images not seen before, all in one vision run."""

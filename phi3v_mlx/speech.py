@@ -3,9 +3,16 @@ and one set of settings for each, so both give the same text for the same record
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from .generate import chat_prompt
+import mlx.core as mx
+
+from .generate import GenerationChunk, SamplingOptions, chat_prompt, decode
+from .memory import PeakMemory
+from .models.base import DecoderModel
+from .recordings import audio_tokens, encode_waves, load_waves, media_adapter
 
 TRANSCRIBE = "Transcribe the audio to text."
 TRANSLATE = "Translate the audio to {language}."
@@ -55,3 +62,37 @@ def speech_prompt(processor: Any, translate_to: str | None = None, hint: str | N
     """The chat prompt of a transcription (or translation) of one recording: the audio first,
     then the instruction, as the official examples lay it out."""
     return chat_prompt(processor, instruction(translate_to, hint), audios=1)
+
+
+def stream_transcription(
+    model: DecoderModel,
+    processor: Any,
+    audio: Any,
+    translate_to: str | None = None,
+    hint: str | None = None,
+    *,
+    listening: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> Iterator[GenerationChunk]:
+    """Stream the transcription (or translation) of one recording, exactly
+    ``generate(model, processor, speech_prompt(...), audios=[audio], **options)`` (greedy and
+    :data:`MAX_TOKENS` unless ``options`` say otherwise), reporting the encoder's steps to
+    ``listening(done, total)`` and the prompt's reading to ``progress(done, total)``."""
+    settings = SamplingOptions(**{"max_tokens": MAX_TOKENS, **options})
+    prompt = speech_prompt(processor, translate_to, hint)
+    started = time.perf_counter()
+    peak = PeakMemory()
+    try:
+        waves = load_waves(processor, audio)
+        ids = processor.tokenize(prompt, [], audio_tokens(processor, waves))
+        features = encode_waves(model, processor, waves, vision=False, progress=listening)
+        embeddings = model.merge(mx.array([ids]), features)
+        cache = model.make_cache(settings.max_kv_size)
+        cache.adapter = media_adapter(model, images=False, audios=True)
+        yield from decode(
+            model, processor, ids, embeddings, cache, settings, started=started, peak=peak,
+            progress=progress,
+        )  # fmt: skip
+    finally:
+        peak.close()

@@ -26,6 +26,7 @@ from ...processor import (
 from .config import ModelConfig
 from .images import ImageInputs, ImageProcessor
 from .model import expand_placeholders
+from .reasoning import THINK_CLOSE, ReasoningStream
 
 IMAGE_TAG = "<image>"
 THINK = "<think>"
@@ -79,6 +80,11 @@ class Processor:
     ``tokenizer`` is None for a checkpoint without tokenizer files: such a model takes prompts
     as ids only.
     """
+
+    # The reasoning modes (each one's addition to the generation prompt), and the markers an
+    # answer's text keeps so that its reasoning can be told apart (``reasoning_stream``).
+    thinking_modes = THINKING_SUFFIX
+    visible_special_tokens = (THINK, THINK_CLOSE, NO_THINK)
 
     def __init__(
         self,
@@ -183,6 +189,11 @@ class Processor:
             inputs.update(self.image_processor.preprocess(loaded).tensors())
             inputs["image_sizes"] = inputs["spatial_shapes"]
         return inputs
+
+    def reasoning_stream(self, thinking: str) -> ReasoningStream:
+        """The splitter of an answer generated in reasoning mode ``thinking`` into reasoning and
+        answer text."""
+        return ReasoningStream(thinking=thinking == "on")
 
     def apply_chat_template(
         self,

@@ -1,0 +1,88 @@
+"""Reasoning modes, for a model that thinks before it answers (Phi-4-reasoning-vision): the
+``thinking`` option checked against the model, and generated text split into reasoning and answer
+as it streams.
+
+A model's processor with thinking modes has ``thinking_modes`` (each mode's addition to the
+generation prompt), ``apply_chat_template(..., thinking=mode)`` and ``reasoning_stream(mode)``
+(an object with ``feed(text) -> (reasoning, answer)``, ``finish()`` and ``thinking``: whether the
+thought is still open).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .generate import GenerationChunk
+
+DEFAULT_MODE = "auto"  # the model's template as it stands: the model chooses whether to think
+
+
+class ThinkingError(ValueError):
+    """A ``thinking`` option the model cannot take."""
+
+
+def thinking_mode(processor: Any, thinking: str | None) -> str | None:
+    """The reasoning mode of a prompt: ``thinking`` checked ("on", "off" or "auto"; None is
+    "auto"), or None for a model without thinking modes, which takes no other value."""
+    modes = getattr(processor, "thinking_modes", None)
+    if not modes:
+        if thinking is not None:
+            raise ThinkingError("this model has no thinking modes: leave thinking unset")
+        return None
+    if thinking is None:
+        return DEFAULT_MODE
+    if thinking not in modes:
+        raise ThinkingError(f"thinking must be one of {', '.join(modes)}; got {thinking!r}")
+    return thinking
+
+
+def template_options(mode: str | None) -> dict[str, str]:
+    """The keyword arguments of ``apply_chat_template`` that select ``mode``."""
+    return {} if mode is None else {"thinking": mode}
+
+
+def render(
+    processor: Any, messages: list[dict[str, Any]], thinking: str | None = None
+) -> tuple[str, str | None]:
+    """The conversation's prompt with the answer's reasoning mode (see :func:`thinking_mode`),
+    and that mode."""
+    mode = thinking_mode(processor, thinking)
+    return processor.apply_chat_template(messages, **template_options(mode)), mode
+
+
+def split_text(processor: Any, mode: str | None, text: str) -> tuple[str, str, bool]:
+    """A whole generated text's reasoning and answer, and whether the thought was left open
+    (the reasoning is "" for a model without thinking modes)."""
+    if mode is None:
+        return "", text, False
+    stream = processor.reasoning_stream(mode)
+    reasoning, answer = stream.feed(text)
+    more_reasoning, more_answer = stream.finish()
+    return reasoning + more_reasoning, answer + more_answer, stream.thinking
+
+
+def split_chunks(
+    chunks: Iterator[GenerationChunk], processor: Any, mode: str | None
+) -> Iterator[GenerationChunk]:
+    """``chunks`` with each one's text split into ``reasoning`` and ``text`` (the answer). A
+    generation that ends inside its thought (the answer never came) finishes with "length".
+    Closing this stream closes ``chunks``."""
+    if mode is None:
+        yield from chunks
+        return
+    stream = processor.reasoning_stream(mode)
+    try:
+        for chunk in chunks:
+            reasoning, answer = stream.feed(chunk.text)
+            if chunk.finish_reason is None:
+                yield replace(chunk, text=answer, reasoning=reasoning)
+                continue
+            more_reasoning, more_answer = stream.finish()
+            finish = "length" if stream.thinking else chunk.finish_reason
+            yield replace(chunk, text=answer + more_answer, reasoning=reasoning + more_reasoning,
+                          finish_reason=finish)  # fmt: skip
+    finally:
+        chunks.close()
