@@ -100,9 +100,8 @@ class Processor:
             ids = np.array([int(t) for t in prompt], dtype=np.int64)
             if ids.size == 0:
                 raise PromptError("the prompt is empty")
-            if self.image_token_id in ids or images and not (ids < 0).any():
+            if not (ids < 0).any():  # placeholder runs (a prompt in slots is taken as it is)
                 to_slots(ids, self.image_token_id, list(image_tokens), 0, "image")
-            if self.audio_token_id in ids or audio_tokens and not (ids < -images).any():
                 to_slots(ids, self.audio_token_id, list(audio_tokens), images, "audio")
             self.check_length(len(ids))
             return ids.tolist()
