@@ -360,10 +360,12 @@ def chat_prompt(
     images: int = 0,
     system: str | None = None,
     audios: int = 0,
+    thinking: str | None = None,
 ) -> str:
     """One question in the chat format, after ``system`` if given, with ``images`` images and
     then ``audios`` recordings ahead of it, unless it places them itself with ``<|image_N|>``
-    (``<|audio_N|>``) tags."""
+    (``<|audio_N|>``) tags; ``thinking`` is the answer's reasoning mode ("on", "off", "auto")
+    for a model that has them."""
     if audios and getattr(processor, "audio_processor", None) is None:
         raise ValueError("this model reads no audio")
     messages = [{"role": "system", "content": system}] if system else []
@@ -374,7 +376,7 @@ def chat_prompt(
         parts = [{"type": "image"} for _ in range(0 if own_images else images)]
         parts += [{"type": "audio"} for _ in range(0 if own_audios else audios)]
         messages.append({"role": "user", "content": [*parts, {"type": "text", "text": question}]})
-    return processor.apply_chat_template(messages)
+    return render(processor, messages, thinking)[0]
 
 
 def prepare(

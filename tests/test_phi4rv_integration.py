@@ -10,7 +10,6 @@ stand-in of ``test_phi4rv`` with the reasoning markers added as special tokens, 
 may mark them.
 """
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
