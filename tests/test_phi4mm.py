@@ -362,6 +362,25 @@ def test_a_text_prompt_generates_text(model, processor):
     assert result.text == processor.tokenizer.decode(result.tokens, skip_special_tokens=True)
 
 
+def test_a_mixed_batch_equals_each_request_alone(model, processor):
+    image = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    )
+    text = processor.apply_chat_template([{"role": "user", "content": "Hi"}])
+    requests = [
+        phi3v_mlx.Request(text),
+        phi3v_mlx.Request(image, images=[Image.open(FIXTURES / "images" / "d_tiny.png")]),
+        phi3v_mlx.Request(image, images=[Image.open(FIXTURES / "images" / "e_first.png")]),
+    ]
+    batch = phi3v_mlx.batch_generate(model, processor, requests, max_tokens=3, temperature=0.0)
+    for request, result in zip(requests, batch, strict=True):
+        alone = phi3v_mlx.generate(
+            model, processor, request.prompt, images=list(request.images) or None,
+            max_tokens=3, temperature=0.0,
+        )  # fmt: skip
+        assert result.tokens == alone.tokens
+
+
 def test_image_and_audio_tags_become_their_slots(processor):
     messages = [
         {
