@@ -19,10 +19,6 @@ from .models.base import DecoderModel
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-DEFAULT_TARGETS = {
-    "phimoe": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
-    "default": ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"],
-}
 
 
 @dataclass
@@ -49,9 +45,7 @@ def add_adapters(model: DecoderModel, settings: AdapterSettings) -> None:
     """Freeze the model and put mlx-lm's LoRA (or DoRA) layers on the targets: modules of the
     decoder layers (``self_attn.qkv_proj``...) or whole-model ones by official name
     (``lm_head``). A quantized layer stays quantized under its adapter (QLoRA)."""
-    targets = settings.targets or DEFAULT_TARGETS.get(
-        model.config.model_type, DEFAULT_TARGETS["default"]
-    )
+    targets = settings.targets or model.lora_targets
     in_layers = {path for path, _ in model.layers[0].named_modules() if path}
     whole = {model.official_name(f"{path}."): path for path, _ in model.named_modules() if path}
     keys = []

@@ -21,7 +21,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from .fidelity import FidelityReport, counter, fidelity, folder_bytes
-from .loader import DTYPES, check_weights, model_config, read_weights, resolve, weight_files
+from .loader import DTYPES, check_weights, read_checkpoint, resolve
 from .models import architecture
 from .models.base import DecoderModel, module_names
 
@@ -39,6 +39,7 @@ COPIED_FILES = [
     "preprocessor_config.json",
     "processor_config.json",
     "generation_config.json",
+    "cl100k_base.tiktoken",
 ]
 SAFETENSORS_DTYPES = {
     mx.float32: "F32",
@@ -57,11 +58,11 @@ class ConvertError(ValueError):
 
 
 def source_weights(
-    path: Path, config: dict[str, Any], skeleton: DecoderModel
+    path: Path, tensors: dict[str, mx.array], config: dict[str, Any], skeleton: DecoderModel
 ) -> dict[str, mx.array]:
-    """Every tensor of the source under its official name, dequantized, the patch convolution in
-    MLX's layout, checked against the model and still unread."""
-    weights = skeleton.official_weights(read_weights(weight_files(path)))
+    """Every tensor of the source under its official name, dequantized, in MLX's layouts,
+    checked against the model and still unread."""
+    weights = skeleton.official_weights(tensors)
     quantization = module_names(config.get("quantization") or {}, skeleton.official_name)
     for name in [n for n in weights if n.endswith(".scales")]:
         base = name[: -len(".scales")]
@@ -87,12 +88,16 @@ def _any_layer(path: str) -> str:
 def quantizable(skeleton: DecoderModel, quantize_vision: bool) -> dict[str, int]:
     """Official paths (layer index ``*``) of the modules to quantize and their input widths: the
     decoder's linear layers (experts included), token embeddings and LM head, and with
-    ``quantize_vision`` the CLIP and projector linear layers. Never CLIP's position table or patch
-    convolution, nor an MoE router, whose choices quantization would change."""
+    ``quantize_vision`` the vision tower's and projector's linear layers (a layer whose input
+    width no group size divides stays unquantized: SigLIP's fc2 reads 4304). Never a vision
+    position table or patch embedding, nor an MoE router, whose choices quantization would
+    change."""
     paths = {}
     for path, module in skeleton.named_modules():
-        vision = path.startswith("vision.")
-        if (vision and not quantize_vision) or path.endswith("block_sparse_moe.gate"):
+        vision = path.startswith(("vision.", "projector."))
+        if (vision and not quantize_vision) or path.endswith(
+            ("block_sparse_moe.gate", "patch_embedding")
+        ):
             continue
         linear = isinstance(module, (nn.Linear, SwitchLinear))
         if linear or (isinstance(module, nn.Embedding) and not vision):
@@ -338,7 +343,7 @@ def convert(
         raise ConvertError("--mlx-path must differ from the source folder")
     _check_target(target, force)
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    skeleton_config = model_config(source)
+    skeleton_config, tensors = read_checkpoint(source)
     skeleton = architecture(skeleton_config.model_type).Model(skeleton_config)
     if config.get("quantization") and not (quantize or dequantize):
         raise ConvertError(
@@ -347,7 +352,7 @@ def convert(
     dtype = dtype or config.get("torch_dtype") or "bfloat16"
     if dtype not in DTYPES:
         dtype = "bfloat16"
-    weights = source_weights(source, config, skeleton)
+    weights = source_weights(source, tensors, config, skeleton)
     for name, value in (replace or {}).items():
         if name not in weights or weights[name].shape != value.shape:
             raise ConvertError(f"{name} cannot replace a tensor of {source}")

@@ -18,7 +18,7 @@ from .models import architecture
 from .models.base import DecoderModel, module_names
 from .processor import Processor
 
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -141,6 +141,21 @@ def model_config(path: Path) -> Any:
     return architecture(values.get("model_type")).ModelConfig.from_dict(values)
 
 
+def read_checkpoint(path: Path) -> tuple[Any, dict[str, mx.array]]:
+    """The config of a checkpoint folder and all its tensors, memory-mapped and not yet read:
+    the safetensors, and what its architecture keeps beside them (``extra_weights``: Phi-4-
+    multimodal's adapter folders), which may complete the config."""
+    config = model_config(path)
+    weights = read_weights(weight_files(path))
+    extra_weights = getattr(architecture(config.model_type), "extra_weights", None)
+    if extra_weights is not None:
+        try:
+            weights.update(extra_weights(path, config))
+        except (ValueError, OSError, RuntimeError) as e:
+            raise LoadError(f"cannot read {path}: {e}") from None
+    return config, weights
+
+
 def load_model(
     path: Path,
     dtype: str | mx.Dtype | None = None,
@@ -156,9 +171,9 @@ def load_model(
     hears of each in bytes. With a ``group`` of several ranks, the model is split across them
     first (:func:`phi3v_mlx.distributed.shard_model`): each rank keeps only its part.
     """
-    config = model_config(path)
+    config, weights = read_checkpoint(path)
     model = architecture(config.model_type).Model(config)
-    weights = model.sanitize(read_weights(weight_files(path)))
+    weights = model.sanitize(weights)
     if config.quantization:
         quantization = module_names(config.quantization, model.internal_name)
         quantize_like_checkpoint(model, quantization, weights)
@@ -170,6 +185,7 @@ def load_model(
             for k, v in weights.items()
         }
     model.load_weights(list(weights.items()), strict=False)
+    del weights  # a split model's parameters are parts of these: reading one must not keep it
     model.eval()
     if group is not None and group.size() > 1:
         shard_model(model, group)

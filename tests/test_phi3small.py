@@ -309,3 +309,16 @@ def test_missing_tiktoken_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "tiktoken", None)
     with pytest.raises(TokenizerError, match=r"pip install 'phi3v-mlx\[phi3small\]'"):
         load_processor(FOLDER, ModelConfig.from_file(FOLDER))
+
+
+def test_default_adapter_targets_are_phi3_small_modules():
+    from mlx.utils import tree_flatten
+
+    from phi3v_mlx.adapters import AdapterSettings, add_adapters
+
+    model = Model(ModelConfig.from_file(FOLDER))
+    add_adapters(model, AdapterSettings(rank=2))
+    adapted = {name.split(".lora_")[0] for name, _ in tree_flatten(model.trainable_parameters())}
+    assert adapted == {
+        f"language.layers.{i}.{target}" for i in range(4) for target in model.lora_targets
+    }

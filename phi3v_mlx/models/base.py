@@ -83,6 +83,11 @@ class DecoderModel(nn.Module):
     def layers(self) -> list[nn.Module]:
         return self.language.layers
 
+    @property
+    def lora_targets(self) -> list[str]:
+        """The modules of a decoder layer a fine-tuning adapter goes on by default."""
+        return ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+
     def shard(self, group: mx.distributed.Group) -> None:
         """Split the decoder across the ranks of ``group`` (tensor parallel); media encoders
         stay whole on every rank."""

@@ -497,6 +497,13 @@ class Model(DecoderModel):
         self.config = config
         self.language = LanguageModel(config)
 
+    @property
+    def lora_targets(self) -> list[str]:
+        """Phi-3.5-MoE adapts its attention (its experts are many); the others as the base."""
+        if self.config.model_type == "phimoe":
+            return ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+        return super().lora_targets
+
     def official_weights(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Official names, Phi-3.5-MoE's experts stacked; a tied model's stored head dropped."""
         out = stack_experts(super().official_weights(weights))

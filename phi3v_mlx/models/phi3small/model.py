@@ -231,6 +231,11 @@ class Model(DecoderModel):
         self.config = config
         self.language = LanguageModel(config)
 
+    @property
+    def lora_targets(self) -> list[str]:
+        """Phi-3-small's fused attention and its MLP."""
+        return ["self_attn.query_key_value", "self_attn.dense", "mlp.up_proj", "mlp.down_proj"]
+
     def official_weights(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Official names; a tied model's stored head dropped."""
         out = super().official_weights(weights)
