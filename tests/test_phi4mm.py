@@ -227,6 +227,20 @@ def test_a_batch_step_runs_each_row_with_its_adapter(model):
         )
 
 
+def test_a_fine_tuning_adapter_goes_under_the_modality_adapters(model):
+    from mlx.utils import tree_flatten
+
+    from phi3v_mlx.adapters import AdapterSettings, add_adapters
+
+    tuned, _ = phi3v_mlx.load(CHECKPOINT, dtype="float32")
+    add_adapters(tuned, AdapterSettings())
+    trainable = [name for name, _ in tree_flatten(tuned.trainable_parameters())]
+    assert trainable and all(".base_layer.lora_" in name for name in trainable)
+    x = mx.random.normal((1, 5, model.config.hidden_size), key=mx.random.key(1))
+    with using("vision"):  # a new adapter starts at zero: the vision adapter's output, unchanged
+        np.testing.assert_allclose(tuned.hidden(x), model.hidden(x), atol=1e-6)
+
+
 def remote_layout(weights):
     """The fixture's tensors (adapters from its folders) as the Hub's remote code names them."""
     renames = [

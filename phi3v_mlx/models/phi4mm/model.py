@@ -16,7 +16,7 @@ from ...cache import PromptCache, RopeState
 from ..base import DecoderModel
 from ..phi3 import LanguageModel as Phi3LanguageModel
 from . import conformer
-from .adapters import ADAPTERS, attach, using
+from .adapters import ADAPTERS, TARGETS, attach, using
 from .config import ModelConfig
 from .conformer import AudioEmbedding
 from .images import canvas_mask, crop_masks
@@ -114,6 +114,14 @@ class Model(DecoderModel):
         if config.audio_config is not None:
             self.audio_embed = AudioEmbedding(config.audio_config, config.hidden_size)
         attach(self.language.layers, self.adapter_configs)
+
+    @property
+    def lora_targets(self) -> list[str]:
+        """A fine-tuning adapter goes on the base of each adapted linear: it trains on the plain
+        decoder (the modality adapters off) and adds to the modality adapter a request runs."""
+        if not self.adapter_configs:
+            return [f"{block}.{name}" for block, name in TARGETS]
+        return [f"{block}.{name}.base_layer" for block, name in TARGETS]
 
     @property
     def adapter_configs(self) -> dict[str, Any]:
