@@ -312,6 +312,11 @@ def test_a_checkpoint_without_adapters_refuses_media_but_reads_text():
         bare.adapter_key({"audio_features": mx.zeros((1,))})
 
 
+def test_splitting_across_ranks_is_refused_in_one_line(model):
+    with pytest.raises(ValueError, match="cannot be split across ranks"):
+        model.shard(None)
+
+
 def test_an_mlx_vlm_conversion_is_refused_in_one_line(model):
     with pytest.raises(ValueError, match="mlx-vlm's conversion"):
         model.sanitize({"language_model.model.norm.weight": mx.ones(64)})

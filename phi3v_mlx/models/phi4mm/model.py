@@ -115,6 +115,14 @@ class Model(DecoderModel):
             self.audio_embed = AudioEmbedding(config.audio_config, config.hidden_size)
         attach(self.language.layers, self.adapter_configs)
 
+    def shard(self, group: mx.distributed.Group) -> None:
+        """Refused: the modality adapters beside the decoder's linears are not split across
+        ranks, and merging them would change the model's answers."""
+        raise ValueError(
+            "Phi-4-multimodal cannot be split across ranks: its vision and speech adapters "
+            "switch per request and are kept beside the weights"
+        )
+
     @property
     def lora_targets(self) -> list[str]:
         """A fine-tuning adapter goes on the base of each adapted linear: it trains on the plain
