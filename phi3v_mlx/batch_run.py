@@ -19,6 +19,7 @@ from .models.base import DecoderModel
 from .processor import Processor
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif"}
 
 
 class InputError(ValueError):
@@ -27,20 +28,39 @@ class InputError(ValueError):
 
 @dataclass
 class Item:
-    """One input: its id, its image paths (as written) and where they are, and its question."""
+    """One input: its id, its image paths (as written) and where they are, its question, and
+    its recordings (paths as written, and where they are)."""
 
     id: str
     images: list[str]
     files: list[Path]
     prompt: str
+    audios: list[str] = field(default_factory=list)
+    audio_files: list[Path] = field(default_factory=list)
 
 
-def _images_in(folder: Path) -> list[Path]:
+def _media_in(folder: Path) -> list[Path]:
     return sorted(
         path
         for path in folder.rglob("*")
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        if path.suffix.lower() in IMAGE_EXTENSIONS | AUDIO_EXTENSIONS and path.is_file()
     )
+
+
+def _single(path: str, prompt: str) -> Item:
+    """The item of one image or audio file."""
+    if Path(path).suffix.lower() in AUDIO_EXTENSIONS:
+        return Item(path, [], [], prompt, [path], [Path(path)])
+    return Item(path, [path], [Path(path)], prompt)
+
+
+def _paths(row: dict[str, Any], one: str, many: str, where: str) -> list[str]:
+    if one in row and many in row:
+        raise InputError(f"{where}: give either {one} or {many}, not both")
+    paths = row.get(many, [row[one]] if one in row else [])
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise InputError(f"{where}: {many} must be a list of paths")
+    return paths
 
 
 def _manifest_items(path: Path, default_prompt: str | None) -> Iterator[Item]:
@@ -54,36 +74,34 @@ def _manifest_items(path: Path, default_prompt: str | None) -> Iterator[Item]:
             raise InputError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise InputError(f"{where}: a row must be a JSON object")
-        if "image" in row and "images" in row:
-            raise InputError(f"{where}: give either image or images, not both")
-        images = row.get("images", [row["image"]] if "image" in row else [])
-        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise InputError(f"{where}: images must be a list of paths")
+        images = _paths(row, "image", "images", where)
+        audios = _paths(row, "audio", "audios", where)
         prompt = row.get("prompt", default_prompt)
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"{where}: no prompt (give one in the row or --prompt)")
         if "id" in row:
             item_id = str(row["id"])
-        elif images:
-            item_id = images[0] if len(images) == 1 else ",".join(images)
+        elif images or audios:
+            named = images + audios
+            item_id = named[0] if len(named) == 1 else ",".join(named)
         else:
             raise InputError(f"{where}: a text-only row needs an id")
         files = [path.parent / image for image in images]
-        yield Item(item_id, list(images), files, prompt)
+        yield Item(item_id, images, files, prompt, audios, [path.parent / a for a in audios])
 
 
 def collect_inputs(inputs: Sequence[str], prompt: str | None) -> list[Item]:
-    """Every input in order: image files, images found in folders (recursively, sorted) and the
-    rows of ``.jsonl`` manifests. Problems are one-line :class:`InputError`s."""
+    """Every input in order: image and audio files, those found in folders (recursively,
+    sorted) and the rows of ``.jsonl`` manifests. Problems are one-line :class:`InputError`s."""
     items: list[Item] = []
     for text in inputs:
         path = Path(text).expanduser()
         if not path.exists():
             raise InputError(f"{text}: no such file or folder")
         if path.is_dir():
-            found = _images_in(path)
+            found = _media_in(path)
             if not found:
-                raise InputError(f"{text}: no images in this folder")
+                raise InputError(f"{text}: no images or audio files in this folder")
             images = [str(image) for image in found]
         elif path.suffix.lower() == ".jsonl":
             items.extend(_manifest_items(path, prompt))
@@ -91,8 +109,8 @@ def collect_inputs(inputs: Sequence[str], prompt: str | None) -> list[Item]:
         else:
             images = [text]
         if prompt is None:
-            raise InputError("--prompt is needed for image inputs")
-        items.extend(Item(image, [image], [Path(image)], prompt) for image in images)
+            raise InputError("--prompt is needed for image and audio inputs")
+        items.extend(_single(image, prompt) for image in images)
     if not items:
         raise InputError("no inputs")
     seen: set[str] = set()
@@ -125,6 +143,8 @@ def answered_ids(output: Path) -> set[str]:
 
 def output_row(item: Item, result: GenerationResult | None, error: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {"id": item.id, "images": item.images, "prompt": item.prompt}
+    if item.audios:
+        row["audios"] = item.audios
     if error is not None:
         row["error"] = error
         return row
@@ -241,8 +261,9 @@ def run(
     try:
         for item in mine:
             settings = SamplingOptions(**{**vars(options), "seed": row_seed(options.seed, item)})
-            prompt = chat_prompt(processor, item.prompt, len(item.images), system)
-            request = Request(prompt, item.files, num_crops)
+            prompt = chat_prompt(processor, item.prompt, len(item.images), system,
+                                 audios=len(item.audios))  # fmt: skip
+            request = Request(prompt, item.files, num_crops, audios=item.audio_files)
             by_row[engine.submit(request, settings)] = item
         sink = output.open("a", encoding="utf-8") if first else None
         try:

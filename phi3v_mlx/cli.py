@@ -431,11 +431,11 @@ def chat(
 def batch(
     inputs: Annotated[
         list[str],
-        typer.Argument(help="Image files, folders of images, .jsonl manifests.", metavar="INPUTS"),
+        typer.Argument(help="Image and audio files, folders, manifests.", metavar="INPUTS"),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Results (JSONL), appended.")],
     prompt: Annotated[
-        str | None, typer.Option("--prompt", "-p", help="The question for every image.")
+        str | None, typer.Option("--prompt", "-p", help="The question for every input.")
     ] = None,
     model: ModelOption = DEFAULT_MODEL,
     system: SystemOption = None,
@@ -589,10 +589,16 @@ def serve(
     prompt_cache_gb: Annotated[
         float, typer.Option("--prompt-cache-gb", help="Prompt and image cache budget.")
     ] = 2.0,
+    max_audio_seconds: Annotated[
+        float, typer.Option("--max-audio-seconds", help="Seconds of audio per request cap.")
+    ] = 1800.0,
+    max_audio_in_flight: Annotated[
+        float, typer.Option("--max-audio-in-flight", help="Seconds of audio in flight (429).")
+    ] = 3600.0,
     dtype: DtypeOption = None,
     adapter_path: AdapterOption = None,
 ) -> None:
-    """Serve the OpenAI chat API (and a chat page) on this machine."""
+    """Serve the OpenAI chat and speech-to-text APIs (and a chat page) on this machine."""
     from .server import ServerSettings, model_id
     from .server import serve as run
 
@@ -611,6 +617,7 @@ def serve(
         media_dir=media_dir, allow_remote_images=allow_remote_images, max_body_mb=max_body_mb,
         max_image_pixels=max_image_pixels, max_images=max_images, max_tokens=max_tokens,
         batch_size=batch_size, queue_size=queue_size, prompt_cache_gb=prompt_cache_gb,
+        max_audio_seconds=max_audio_seconds, max_audio_in_flight=max_audio_in_flight,
     )  # fmt: skip
     path, processor = _processor(model, dtype, None)
     loaded_model = _weights(path, dtype, adapter_path)

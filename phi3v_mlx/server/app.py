@@ -28,6 +28,7 @@ from .media import ImageReader
 from .middleware import Guard, RequestLog
 from .schema import conversation, field, request_body, sampling_options
 from .settings import ApiError, ServerSettings
+from .speech import add_speech_routes, audio_bytes, read_recordings, seconds_of, submit
 
 log = logging.getLogger("phi3v_mlx.server")
 CHAT_PAGE = Path(__file__).parent.parent / "static" / "chat.html"
@@ -101,7 +102,7 @@ def create_app(model: DecoderModel, processor: Processor, settings: ServerSettin
     async def chat_completions(http: HttpRequest) -> Any:
         body = request_body(await http.body())
         options, stops = sampling_options(body, settings)
-        messages, urls = conversation(body, settings)
+        messages, urls, audios = conversation(body, settings)
         num_crops = field(body, "num_crops", (int,))
         loop = asyncio.get_running_loop()
         job = await loop.run_in_executor(
@@ -115,14 +116,10 @@ def create_app(model: DecoderModel, processor: Processor, settings: ServerSettin
             options,
             stops,
             loop,
+            audios,
+            settings,
         )
-        if not engine.reserve():
-            raise ApiError(
-                503,
-                "the server is busy: too many requests in flight, retry later",
-                code="queue_full",
-            )
-        engine.submit(job)
+        submit(engine, job)
         http.state.job = job
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.get("stream"):
@@ -133,6 +130,8 @@ def create_app(model: DecoderModel, processor: Processor, settings: ServerSettin
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         return await _complete(job, engine, http, completion_id, settings.model_name)
+
+    add_speech_routes(app, engine, processor, settings, _complete)
 
     # The last added is the outermost: the log sees every answer, CORS answers preflights
     # before the key is checked.
@@ -159,25 +158,38 @@ def fetch_and_prepare(
     options: SamplingOptions,
     stops: list[str],
     loop: asyncio.AbstractEventLoop,
+    audios: list[dict[str, str]] = (),
+    settings: ServerSettings | None = None,
 ) -> Job:
-    """Read the images (fetching remote ones, when allowed), render and tokenize the
-    conversation and check its length: every refusal before the job reaches the engine."""
+    """Read the images (fetching remote ones, when allowed) and the recordings, render and
+    tokenize the conversation and check its length: every refusal before the job reaches the
+    engine."""
+    sounds = None
     try:
         crops = processor.crops(num_crops)
         if urls and not processor.vision:
             raise ValueError("this is a text model: it takes no images")
         loaded = [images.read(url, i) for i, url in enumerate(urls)]
+        if audios:
+            sources = [audio_bytes(part, i) for i, part in enumerate(audios)]
+            sounds = read_recordings(processor, sources, bool(loaded), settings, "messages")
         prompt = processor.apply_chat_template(messages)
-        ids = processor.tokenize(prompt, [processor.image_tokens(im, crops) for im in loaded])
+        counts = [processor.image_tokens(im, crops) for im in loaded]
+        if sounds is not None:
+            ids = processor.tokenize(prompt, counts, sounds.tokens)
+        else:
+            ids = processor.tokenize(prompt, counts)
     except ApiError:
         raise
     except ValueError as e:
         raise ApiError(400, str(e), param="messages") from None
     image_keys = [(image_digest(image), crops) for image in loaded]
-    return Job(
-        Request(ids, loaded, crops, stop=stops), options, position_keys(ids, image_keys),
-        image_keys, loop, asyncio.Queue(),
-    )  # fmt: skip
+    media_keys = image_keys + (sounds.keys() if sounds is not None else [])
+    request = Request(ids, loaded, crops, stop=stops, audios=sounds.waves if sounds else ())
+    job = Job(request, options, position_keys(ids, media_keys), image_keys, loop,
+              asyncio.Queue())  # fmt: skip
+    job.audio_seconds = seconds_of(sounds)
+    return job
 
 
 def _usage(job: Job, completion_tokens: int) -> dict[str, Any]:

@@ -33,6 +33,7 @@ class Job:
     row: int | None = None
     cached_tokens: int = 0
     prompt_tokens: int = 0
+    audio_seconds: float = 0.0  # of recordings, held against the in-flight limit
 
     def error(self, event: RowEvent) -> ApiError:
         """The answer to a row that ended with an error: a 400 if the request is to blame,
@@ -54,6 +55,7 @@ class EngineThread(threading.Thread):
         self._intake: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._reserved = 0
+        self._audio = 0.0
         self._stopping = threading.Event()
         self._jobs: dict[int, Job] = {}
 
@@ -64,9 +66,25 @@ class EngineThread(threading.Thread):
             self._reserved += 1
             return True
 
-    def release(self) -> None:
+    def reserve_audio(self, job: Job) -> bool:
+        """Hold the job's seconds of audio; False past the in-flight limit."""
+        with self._lock:
+            if job.audio_seconds and self._audio + job.audio_seconds > (
+                self.settings.max_audio_in_flight
+            ):
+                return False
+            self._audio += job.audio_seconds
+            return True
+
+    def release(self, job: Job | None = None) -> None:
+        """Give back a job's place (and its seconds of audio)."""
         with self._lock:
             self._reserved -= 1
+            self._audio -= job.audio_seconds if job is not None else 0.0
+
+    def release_audio(self, job: Job) -> None:
+        with self._lock:
+            self._audio -= job.audio_seconds
 
     @property
     def in_flight(self) -> int:
@@ -130,7 +148,7 @@ class EngineThread(threading.Thread):
             elif command == "cancel" and job.row in self._jobs:
                 engine.cancel(job.row)
                 del self._jobs[job.row]
-                self.release()
+                self.release(job)
             try:
                 command, job = self._intake.get_nowait()
             except queue.Empty:
@@ -142,7 +160,7 @@ class EngineThread(threading.Thread):
             return
         if event.result is not None or event.error is not None:
             del self._jobs[event.row]
-            self.release()
+            self.release(job)
             if event.fault:
                 log.error("request failed: %s", event.error)
             if event.result is not None:

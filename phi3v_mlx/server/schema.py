@@ -79,12 +79,15 @@ def sampling_options(
         raise ApiError(400, str(e), param=param) from None
 
 
-def conversation(body: dict[str, Any], settings: ServerSettings) -> tuple[list[dict], list[str]]:
-    """The messages in this package's format and the image URLs, in order."""
+def conversation(
+    body: dict[str, Any], settings: ServerSettings
+) -> tuple[list[dict], list[str], list[dict[str, str]]]:
+    """The messages in this package's format, the image URLs and the ``input_audio`` parts
+    (``{"data": base64, "format": "wav" | "mp3" | ...}``), each in order."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
-    out, urls = [], []
+    out, urls, audios = [], [], []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise ApiError(
@@ -111,6 +114,14 @@ def conversation(body: dict[str, Any], settings: ServerSettings) -> tuple[list[d
                     raise ApiError(400, f"messages[{i}]: image_url needs a url", param="messages")
                 urls.append(url)
                 parts.append({"type": "image"})
+            elif kind == "input_audio":
+                audio = part.get("input_audio")
+                data = audio.get("data") if isinstance(audio, dict) else None
+                if not isinstance(data, str):
+                    raise ApiError(400, f"messages[{i}]: input_audio needs base64 data",
+                                   param="messages")  # fmt: skip
+                audios.append({"data": data, "format": str(audio.get("format") or "")})
+                parts.append({"type": "audio"})
             else:
                 raise ApiError(
                     400, f"messages[{i}]: unsupported content part {kind!r}", param="messages"
@@ -120,4 +131,4 @@ def conversation(body: dict[str, Any], settings: ServerSettings) -> tuple[list[d
         raise ApiError(
             400, f"{len(urls)} images, over the limit of {settings.max_images}", param="messages"
         )
-    return out, urls
+    return out, urls, audios

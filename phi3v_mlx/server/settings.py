@@ -34,6 +34,8 @@ class ServerSettings:
     batch_size: int = 8
     queue_size: int = 32
     prompt_cache_gb: float = 2.0
+    max_audio_seconds: float = 1800.0
+    max_audio_in_flight: float = 3600.0
 
 
 class ApiError(Exception):
@@ -51,6 +53,7 @@ class ApiError(Exception):
             401: "authentication_error",
             404: "not_found_error",
             413: "invalid_request_error",
+            429: "rate_limit_error",
             503: "server_error",
             500: "server_error",
         }.get(self.status, "invalid_request_error")
