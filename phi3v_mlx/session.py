@@ -23,6 +23,7 @@ from .keys import ImageKey, common_prefix, image_digest
 from .memory import PeakMemory
 from .models.base import DecoderModel
 from .processor import ImageInput, Processor
+from .recordings import Recordings, media_adapter
 from .thinking import split_chunks, split_text, template_options, thinking_mode
 
 
@@ -39,6 +40,7 @@ class _Turn:
     texts: list[str] = field(default_factory=list)  # the generated text, reasoning included
     tokens: list[int] = field(default_factory=list)  # generated ids fed to the cache
     ended: bool = False
+    audio: tuple[list[str], list[Any]] = ([], [])  # the conversation's clips, this turn's new
 
 
 class ChatSession:
@@ -87,6 +89,7 @@ class ChatSession:
             if self.system:
                 self.messages.append({"role": "system", "content": self.system})
             self.images: list[ImageKey] = []
+            self.recordings = Recordings(self.model, self.processor)
             self._features: dict[ImageKey, mx.array] = {}
             self._cache: PromptCache | None = None
             self._cache_kv_size: int | None = None
@@ -100,10 +103,12 @@ class ChatSession:
         *,
         progress: Progress | None = None,
         thinking: str | None = None,
+        audios: Any = None,
         **options: Any,
     ) -> Iterator[GenerationChunk]:
-        """Ask ``text`` (about ``images``, attached to this turn) and stream the answer, in the
-        reasoning mode ``thinking`` for a model that has them (see the class).
+        """Ask ``text`` (about ``images`` and the recordings ``audios``, attached to this turn,
+        ahead of the text) and stream the answer, in the reasoning mode ``thinking`` for a model
+        that has them (see the class).
 
         ``options`` are those of :func:`phi3v_mlx.stream_generate`; they are checked now.
         """
@@ -114,7 +119,7 @@ class ChatSession:
         elif not isinstance(images, (list, tuple)):
             images = [images]
         num_crops = self.processor.crops(num_crops)
-        chunks = self._run(text, list(images), num_crops, settings, progress, mode)
+        chunks = self._run(text, list(images), num_crops, settings, progress, mode, audios)
         return split_chunks(chunks, self.processor, mode)
 
     def send(
@@ -135,12 +140,13 @@ class ChatSession:
         settings: SamplingOptions,
         progress: Progress | None,
         mode: str | None,
+        audios: Any = None,
     ) -> Iterator[GenerationChunk]:
         started = time.perf_counter()
         with self._lock:
             if self._turn is not None:
                 self._end(self._turn, keep=True)
-            turn = self._begin(text, images, num_crops, settings, started, progress, mode)
+            turn = self._begin(text, images, num_crops, settings, started, progress, mode, audios)
         try:
             while True:
                 with self._lock:
@@ -177,17 +183,18 @@ class ChatSession:
         started: float,
         progress: Progress | None,
         mode: str | None,
+        audios: Any = None,
     ) -> _Turn:
-        """Load and encode the turn's images, render the conversation and start decoding;
-        an error here changes nothing."""
+        """Load and encode the turn's images and recordings, render the conversation and start
+        decoding; an error here changes nothing."""
         peak = PeakMemory()
         try:
             loaded = self.processor.load_images(images, first=len(self.images))
             keys = [(image_digest(image), num_crops) for image in loaded]
-            message = {
-                "role": "user",
-                "content": [{"type": "image"} for _ in keys] + [{"type": "text", "text": text}],
-            }
+            sounds = self.recordings.load(audios) if audios is not None else []
+            parts = [{"type": "image"} for _ in keys] + [{"type": "audio"} for _ in sounds]
+            message = {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+            digests = self.recordings.digests + [digest for digest, _ in sounds]
             image_keys = self.images + keys
             sizes = {**{key: len(f) for key, f in self._features.items()},
                      **{key: self.processor.image_tokens(image, num_crops)
@@ -195,10 +202,23 @@ class ChatSession:
             prompt = self.processor.apply_chat_template(
                 [*self.messages, message], **template_options(mode)
             )
-            ids = self.processor.tokenize(prompt, [sizes[key] for key in image_keys])
+            counts = [sizes[key] for key in image_keys]
+            if digests:
+                slots = self.recordings.tokens(digests, sounds)
+                ids = self.processor.tokenize(prompt, counts, slots)
+            else:
+                ids = self.processor.tokenize(prompt, counts)
             self._encode(keys, loaded, num_crops)
             features = [self._features[key] for key in image_keys]
-            prefix = self._reusable_prefix(ids, settings)
+            signature = (tuple(digests), bool(image_keys))
+            features += self.recordings.features(digests, sounds, signature[1])
+            limit = len(ids)
+            if self.recordings.built not in (None, signature) and self.recordings.built[0]:
+                # the earlier clips' features change with the clips framed beside them
+                limit = next(i for i, t in enumerate(ids) if t < -len(image_keys))
+            adapter = media_adapter(self.model, signature[1], bool(digests))
+            prefix = self._reusable_prefix(ids, settings, limit, adapter)
+            self.recordings.built = signature
             embeddings = self.model.merge(mx.array([ids]), features, start=prefix)
         except BaseException:
             peak.close()
@@ -208,6 +228,7 @@ class ChatSession:
             started=started, peak=peak, progress=progress, context=ids[:prefix],
         )  # fmt: skip
         self._turn = _Turn(message, image_keys, ids, steps, peak, mode)
+        self._turn.audio = (digests, sounds)
         return self._turn
 
     def _end(self, turn: _Turn, keep: bool, complete: bool = False) -> None:
@@ -223,6 +244,7 @@ class ChatSession:
         if keep and (complete or turn.tokens):
             self.messages += [turn.message, self._answer(turn)]
             self.images = turn.image_keys
+            self.recordings.keep(*turn.audio)
         if self._cache is not None:
             held = min(len(fed), self._cache.offset, self._cache.rope.length)
             if self._cache.trim_to(held):
@@ -249,14 +271,21 @@ class ChatSession:
             embeds = self.model.encode_images(pre.pixel_values, pre.image_sizes)
             self._features.update(zip(new, embeds, strict=True))
 
-    def _reusable_prefix(self, ids: list[int], settings: SamplingOptions) -> int:
-        """Trim the cache to what the new prompt shares with it (at least one token is fed)."""
+    def _reusable_prefix(
+        self, ids: list[int], settings: SamplingOptions, limit: int, adapter: str | None
+    ) -> int:
+        """Trim the cache to what the new prompt shares with it, at most ``limit`` positions
+        and none if it was read with another adapter (at least one token is fed)."""
         if self._cache is None or self._cache_kv_size != settings.max_kv_size:
             self._cache = self.model.make_cache(settings.max_kv_size)
             self._cache_kv_size, self._ids = settings.max_kv_size, []
-        prefix = min(common_prefix(self._ids, ids), len(ids) - 1)
+        if getattr(self._cache, "adapter", None) != adapter:
+            limit = 0  # the adapter acts on every position
+        prefix = min(common_prefix(self._ids, ids), len(ids) - 1, limit)
         if not self._cache.trim_to(prefix):
             self._cache = self.model.make_cache(settings.max_kv_size)
             prefix = 0
+        if hasattr(self._cache, "adapter"):
+            self._cache.adapter = adapter
         self._ids = ids[:prefix]
         return prefix
