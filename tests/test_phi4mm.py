@@ -241,6 +241,22 @@ def test_a_fine_tuning_adapter_goes_under_the_modality_adapters(model):
         np.testing.assert_allclose(tuned.hidden(x), model.hidden(x), atol=1e-6)
 
 
+def test_a_4bit_base_keeps_its_adapters_and_the_top_choice():
+    import mlx.nn as nn
+
+    quantized, _ = phi3v_mlx.load(CHECKPOINT, dtype="float32")
+    nn.quantize(quantized.language, group_size=32, bits=4,
+                class_predicate=lambda path, m: isinstance(m, nn.Linear))  # fmt: skip
+    qkv = quantized.language.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv.base_layer, nn.QuantizedLinear)
+    assert qkv.lora_A["vision"].dtype == mx.float32
+    inputs, gold = golden("d")
+    given = media(inputs)
+    with using("vision"):
+        h = quantized.hidden(quantized.embed(inputs["input_ids"], **given))
+    assert int(mx.argmax(quantized.logits(h[:, -1:])[0, 0])) == int(gold["argmax"][-1])
+
+
 def remote_layout(weights):
     """The fixture's tensors (adapters from its folders) as the Hub's remote code names them."""
     renames = [

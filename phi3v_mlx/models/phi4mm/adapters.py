@@ -41,18 +41,20 @@ def using(selection: Selection) -> Iterator[None]:
 
 class AdapterLinear(nn.Module):
     """A decoder linear (``base_layer``, quantized or not once loaded) with low-rank adapters
-    beside it: ``base(x) + scale * B(A(x))`` for the adapter the current forward selects."""
+    beside it: ``base(x) + scale * B A x`` for the adapter the current forward selects. The
+    adapters are plain arrays (``lora_A[name]`` [r, in], ``lora_B[name]`` [out, r]), not linear
+    layers, so that quantizing the model's linear layers never touches them."""
 
     def __init__(self, base: nn.Linear, adapters: dict[str, AdapterConfig]):
         super().__init__()
         self.base_layer = base
         out_dims, in_dims = base.weight.shape
-        self.lora_A = {name: nn.Linear(in_dims, a.r, bias=False) for name, a in adapters.items()}
-        self.lora_B = {name: nn.Linear(a.r, out_dims, bias=False) for name, a in adapters.items()}
+        self.lora_A = {name: mx.zeros((a.r, in_dims)) for name, a in adapters.items()}
+        self.lora_B = {name: mx.zeros((out_dims, a.r)) for name, a in adapters.items()}
         self.scale = {name: a.scale for name, a in adapters.items()}
 
     def delta(self, x: mx.array, name: str) -> mx.array:
-        return self.lora_B[name](self.lora_A[name](x)) * self.scale[name]
+        return (x @ self.lora_A[name].T) @ self.lora_B[name].T * self.scale[name]
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base_layer(x)

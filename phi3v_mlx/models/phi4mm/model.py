@@ -41,6 +41,7 @@ ADAPTED = re.compile(
     r"^(layers\.\d+\.(?:self_attn\.(?:qkv|o)_proj|mlp\.(?:gate_up|down)_proj)\.)(base_layer\.)?(.*)$"
 )
 SIGLIP_LAYER = re.compile(r"^img_processor\.encoder\.layers\.(\d+)\.")
+ADAPTER_MATRIX = re.compile(r"\.lora_[AB]\.\w+$")
 
 
 class AdapterCache(PromptCache):
@@ -266,8 +267,10 @@ class Model(DecoderModel):
             adapted = ADAPTED.match(rest)
             if adapted:
                 head, _, tail = adapted.groups()
-                base = "base_layer." if self.adapter_configs else ""
-                rest = head + (tail if tail.startswith("lora_") else base + tail)
+                if tail.startswith("lora_"):  # an adapter matrix: an array, not a layer
+                    rest = head + tail.removesuffix(".weight")
+                else:
+                    rest = head + ("base_layer." if self.adapter_configs else "") + tail
             return "language." + rest
         if name.startswith("lm_head."):
             return None if self.config.tie_word_embeddings else "language." + name
@@ -283,7 +286,8 @@ class Model(DecoderModel):
         if name.startswith("language.lm_head."):
             return name[len("language.") :]
         if name.startswith("language."):
-            return "model." + name[len("language.") :]
+            weight = ".weight" if ADAPTER_MATRIX.search(name) else ""
+            return "model." + name[len("language.") :] + weight
         return name
 
     def official_weights(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
