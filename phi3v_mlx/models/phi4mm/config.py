@@ -61,6 +61,10 @@ class AdapterConfig:
     r: int
     lora_alpha: float
 
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError(f"a LoRA rank must be at least 1, got {self.r}")
+
     @property
     def scale(self) -> float:
         return self.lora_alpha / self.r
