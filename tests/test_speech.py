@@ -284,8 +284,8 @@ def test_server_refusals_are_4xx_in_the_openai_shape(server, tmp_path):
     reply = httpx.post(url, data={"model": "tiny"})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "file"
     bad = {"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}
-    reply = httpx.post(f"{server}/v1/chat/completions", json={
-        "model": "tiny", "messages": [{"role": "user", "content": [bad]}]})  # fmt: skip
+    body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": [bad]}]}
+    reply = httpx.post(f"{server}/v1/chat/completions", json=body)
     assert reply.status_code == 400 and "base64" in reply.json()["error"]["message"]
 
 
