@@ -32,10 +32,11 @@ from .speech import add_speech_routes, audio_bytes, read_recordings, seconds_of,
 
 log = logging.getLogger("phi3v_mlx.server")
 CHAT_PAGE = Path(__file__).parent.parent / "static" / "chat.html"
-# The page loads nothing from elsewhere: its own inline style and script, images as data URLs.
+# The page loads nothing from elsewhere: its own inline style and script, media as data URLs.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
-    "style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'; form-action 'none'",
+    "style-src 'unsafe-inline'; img-src data: blob:; media-src data: blob:; connect-src 'self'; "
+    "form-action 'none'",
     "X-Content-Type-Options": "nosniff",
 }
 
