@@ -17,10 +17,13 @@ class RopeState:
     cached sequence moves across that threshold its keys are recomputed with the other factor set,
     from the input embeddings of its first ``limit`` positions kept here (a switch never needs
     more). ``expected`` announces the full length of a prompt whose prefill is chunked, so that
-    every chunk already uses the factors of the whole prompt.
+    every chunk already uses the factors of the whole prompt. ``adapter`` names the modality
+    adapter every position was computed with (Phi-4-multimodal's; None for the base weights):
+    it lives here because the rope state moves with its row into and out of a batch.
     """
 
     def __init__(self, limit: int):
+        self.adapter: str | None = None
         self.limit = limit
         self.chunks: list[mx.array] = []  # input embeddings [1, n, hidden] of the first positions
         self.kept = 0
@@ -112,6 +115,15 @@ class PromptCache(list):
     def __init__(self, layers: list[Any], rope: RopeState):
         super().__init__(layers)
         self.rope = rope
+
+    @property
+    def adapter(self) -> str | None:
+        """The modality adapter the held positions were computed with (None: the base)."""
+        return self.rope.adapter
+
+    @adapter.setter
+    def adapter(self, key: str | None) -> None:
+        self.rope.adapter = key
 
     @property
     def offset(self) -> int:

@@ -121,6 +121,11 @@ class DecoderModel(nn.Module):
         """Final hidden states of a right-padded training batch (rows of ``lengths``)."""
         return self.language.training_hidden(embeddings, lengths, checkpoint)
 
+    def adapter_key(self, inputs: Mapping[str, Any]) -> str | None:
+        """The modality adapter a sequence with these media runs (None: the base weights; only
+        Phi-4-multimodal switches adapters by modality)."""
+        return None
+
     def encode_images(
         self,
         pixel_values: Any,
