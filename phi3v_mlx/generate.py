@@ -402,7 +402,7 @@ def prepare(
         inputs = processor(prompt, images=images, **media)
         ids = np.asarray(inputs["input_ids"]).reshape(-1).tolist()
         given = {k: v for k, v in inputs.items() if k != "input_ids"}
-        key = model.adapter_key(given) if hasattr(model, "adapter_key") else None
+        key = model.adapter_key(given)
         between = None if progress is None else lambda: progress(0, len(ids))
         return ids, model.merge(mx.array([ids]), encode(given, between)), key
     if media:
