@@ -44,42 +44,24 @@ SIGLIP_LAYER = re.compile(r"^img_processor\.encoder\.layers\.(\d+)\.")
 ADAPTER_MATRIX = re.compile(r"\.lora_[AB]\.\w+$")
 
 
-class AdapterCache(PromptCache):
-    """A sequence's cache that records the modality adapter its positions were computed with
-    (``adapter``); it lives on the rope state, which moves with the row into and out of a
-    batch."""
-
-    @property
-    def adapter(self) -> str | None:
-        return getattr(self.rope, "adapter", None)
-
-    @adapter.setter
-    def adapter(self, key: str | None) -> None:
-        self.rope.adapter = key
-
-
 class LanguageModel(Phi3LanguageModel):
     """The Phi-4-mini decoder; a forward over a sequence's cache runs the adapter recorded on
     the cache, a batch step the adapter of each row."""
 
-    def make_cache(self, max_kv_size: int | None = None) -> AdapterCache:
-        cache = super().make_cache(max_kv_size)
-        return AdapterCache(list(cache), cache.rope)
-
     def hidden(self, embeddings: mx.array, cache: PromptCache | None = None) -> mx.array:
-        key = None if cache is None else getattr(cache.rope, "adapter", None)
+        key = None if cache is None else cache.adapter
         if key is None:
             return super().hidden(embeddings, cache)
         with using(key):
             return super().hidden(embeddings, cache)
 
     def batch_logits(self, embeddings: mx.array, cache: list[Any]) -> mx.array:
-        rows = tuple(getattr(state, "adapter", None) for state in cache[-1].states)
+        rows = tuple(state.adapter for state in cache[-1].states)
         with using(rows if any(rows) else None):
             return super().batch_logits(embeddings, cache)
 
     def _recompute_keys(self, row: int, layers: list[Any], rope: RopeState, long: bool) -> None:
-        with using(getattr(rope, "adapter", None)):
+        with using(rope.adapter):
             super()._recompute_keys(row, layers, rope, long)
 
 
@@ -236,13 +218,12 @@ class Model(DecoderModel):
         the adapter its media select (a cache keeps the adapter its sequence started with)."""
         key = self.adapter_key(inputs)
         if cache is not None and key is not None:
-            held = getattr(cache.rope, "adapter", None)
-            if cache.offset and held != key:
+            if cache.offset and cache.adapter != key:
                 raise ValueError(
-                    f"this cache holds a sequence read with adapter {held!r}; "
+                    f"this cache holds a sequence read with adapter {cache.adapter!r}; "
                     f"its media need {key!r}"
                 )
-            cache.rope.adapter = key
+            cache.adapter = key
         if input_embeddings is None:
             input_embeddings = self.embed(input_ids, **inputs)
         with using(key):
