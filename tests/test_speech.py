@@ -245,12 +245,11 @@ def test_server_transcribes_as_phi3v_transcribe(loaded, server, checkpoint):
         text = client(server).audio.transcriptions.create(model="tiny", file=file).text
     expected = "".join(c.text for c in stream_transcription(model, processor, SLOW, max_tokens=6))
     assert text == expected
-    with SLOW.open("rb") as file:
-        plain = client(server).audio.translations.create(model="tiny", file=file,
-                                                         response_format="text")  # fmt: skip
+    reply = httpx.post(f"{server}/v1/audio/translations", timeout=120,
+                       data={"model": "tiny", "response_format": "text"},
+                       files={"file": ("b.wav", SLOW.read_bytes(), "audio/wav")})  # fmt: skip
     english = stream_transcription(model, processor, SLOW, "en", max_tokens=6)
-    translated = "".join(c.text for c in english)
-    assert plain == translated
+    assert reply.text == "".join(c.text for c in english)
 
 
 def test_server_chat_input_audio_equals_generate_with_the_image_first(loaded, server):
