@@ -94,7 +94,7 @@ def quantizable(skeleton: DecoderModel, quantize_vision: bool) -> dict[str, int]
     change."""
     paths = {}
     for path, module in skeleton.named_modules():
-        vision = path.startswith(("vision.", "projector."))
+        vision = path.startswith(skeleton.ENCODER_PREFIXES)
         if (vision and not quantize_vision) or path.endswith(
             ("block_sparse_moe.gate", "patch_embedding")
         ):
@@ -370,6 +370,7 @@ def convert(
         block = {"group_size": q_group_size, "bits": q_bits, "mode": "affine", **modules}
         config["quantization"] = config["quantization_config"] = block
     config["torch_dtype"] = dtype
+    config = skeleton.checkpoint_config(config)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(target.parent)

@@ -446,3 +446,22 @@ def test_id_prompts_and_tag_errors(processor):
         processor("<|user|><|image_2|>x<|end|>", images=[image])
     with pytest.raises(PromptError, match="0 audio"):
         processor("<|user|><|audio_1|>x<|end|>")
+
+
+def test_a_4bit_conversion_keeps_the_adapters_16bit_and_reloads(tmp_path):
+    import mlx.nn as nn
+
+    from phi3v_mlx.convert import convert
+
+    out = tmp_path / "phi4mm-4bit"
+    convert(str(CHECKPOINT), str(out), quantize=True, q_group_size=32, check=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_lora"]["r"] > 0 and config["speech_lora"]["r"] > 0
+    model, _ = phi3v_mlx.load(out, dtype="float32")
+    qkv = model.language.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv.base_layer, nn.QuantizedLinear)
+    assert set(qkv.lora_A) == {"vision", "speech"}
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in model.image_embed.named_modules())
+    inputs, gold = golden("d")
+    logits = model(input_ids=inputs["input_ids"], **media(inputs))
+    assert int(mx.argmax(logits[0, -1])) == int(gold["argmax"][-1])

@@ -78,6 +78,9 @@ class DecoderModel(nn.Module):
     NAME_PREFIXES: ClassVar[list[tuple[str, str]]] = [("lm_head.", "language.lm_head."),
                                                      ("model.", "language.")]  # fmt: skip
     UNUSED_TENSORS: ClassVar[re.Pattern] = re.compile(r"\.position_ids$|\.rotary_emb\.inv_freq$")
+    # The modules (prefixes of our names) of the media encoders and their projectors, which the
+    # converter keeps unquantized unless asked.
+    ENCODER_PREFIXES: ClassVar[tuple[str, ...]] = ("vision.",)
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -179,6 +182,11 @@ class DecoderModel(nn.Module):
     def official_name(cls, name: str) -> str:
         """The official name of a tensor (or, with a trailing dot, a module) given either."""
         return cls._swap_prefix(name, 1)
+
+    def checkpoint_config(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The ``config.json`` values a checkpoint written from this model needs (what the
+        source kept elsewhere included)."""
+        return values
 
     def official_weights(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
         """A checkpoint's tensors under their official names, in the layout this package writes

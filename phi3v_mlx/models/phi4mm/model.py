@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import numpy as np
@@ -89,6 +89,8 @@ class Model(DecoderModel):
     or slot ids (``-(k + 1)`` for media item k: images first, then audios) mark the positions
     their embeddings fill."""
 
+    ENCODER_PREFIXES: ClassVar[tuple[str, ...]] = ("image_embed.", "audio_embed.")
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -113,6 +115,15 @@ class Model(DecoderModel):
         if not self.adapter_configs:
             return [f"{block}.{name}" for block, name in TARGETS]
         return [f"{block}.{name}.base_layer" for block, name in TARGETS]
+
+    def checkpoint_config(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The config with the modality adapters' rank and alpha, which the native layout keeps
+        in its adapter folders (a written checkpoint keeps the adapters beside the weights)."""
+        adapters = {
+            f"{name}_lora": {"r": adapter.r, "lora_alpha": adapter.lora_alpha}
+            for name, adapter in self.adapter_configs.items()
+        }
+        return {**values, **adapters}
 
     @property
     def adapter_configs(self) -> dict[str, Any]:

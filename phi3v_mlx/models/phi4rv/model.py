@@ -96,6 +96,7 @@ class Model(DecoderModel):
     returns logits [1, T, vocab]; the ids hold one -200 per image, or its slots already
     expanded (``-(k + 1)`` for image k)."""
 
+    ENCODER_PREFIXES: ClassVar[tuple[str, ...]] = ("vision.", "projector.")
     NAME_PREFIXES: ClassVar[list[tuple[str, str]]] = [
         ("model.vision_tower.vision_tower.vision_model.", "vision."),
         ("model.mm_projector.", "projector.layers."),
