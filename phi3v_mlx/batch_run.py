@@ -101,7 +101,7 @@ def collect_inputs(inputs: Sequence[str], prompt: str | None) -> list[Item]:
         if path.is_dir():
             found = _media_in(path)
             if not found:
-                raise InputError(f"{text}: no images or audio files in this folder")
+                raise InputError(f"{text}: no images in this folder (nor audio files)")
             images = [str(image) for image in found]
         elif path.suffix.lower() == ".jsonl":
             items.extend(_manifest_items(path, prompt))
@@ -109,7 +109,7 @@ def collect_inputs(inputs: Sequence[str], prompt: str | None) -> list[Item]:
         else:
             images = [text]
         if prompt is None:
-            raise InputError("--prompt is needed for image and audio inputs")
+            raise InputError("--prompt is needed for image inputs (and audio files)")
         items.extend(_single(image, prompt) for image in images)
     if not items:
         raise InputError("no inputs")
