@@ -157,14 +157,19 @@ class Recordings:
         return audio_tokens(self.processor, [waves[d] for d in digests])
 
     def features(
-        self, digests: Sequence[str], new: Sequence[tuple[str, np.ndarray]], vision: bool
+        self,
+        digests: Sequence[str],
+        new: Sequence[tuple[str, np.ndarray]],
+        vision: bool,
+        progress: Any = None,
     ) -> list[mx.array]:
-        """Features of every clip named by ``digests``, encoded together once per signature."""
+        """Features of every clip named by ``digests``, encoded together once per signature
+        (``progress(done, total)`` hears of the encoder's steps)."""
         signature = (tuple(digests), vision)
         if self._features[0] != signature:
             waves = {**self._waves, **dict(new)}
             features = encode_waves(self.model, self.processor, [waves[d] for d in digests],
-                                    vision) if digests else []  # fmt: skip
+                                    vision, progress) if digests else []  # fmt: skip
             self._features = (signature, features)
         return self._features[1]
 

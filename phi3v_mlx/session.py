@@ -211,7 +211,8 @@ class ChatSession:
             self._encode(keys, loaded, num_crops)
             features = [self._features[key] for key in image_keys]
             signature = (tuple(digests), bool(image_keys))
-            features += self.recordings.features(digests, sounds, signature[1])
+            heard = None if progress is None else lambda done, total: progress(0, len(ids))
+            features += self.recordings.features(digests, sounds, signature[1], heard)
             limit = len(ids)
             if self.recordings.built not in (None, signature) and self.recordings.built[0]:
                 # the earlier clips' features change with the clips framed beside them
