@@ -23,7 +23,7 @@ CALIBRATION_PROMPTS = [
     "<|system|>\nYou are a helpful assistant.<|end|>\n<|user|>\nList three uses of copper."
     "<|end|>\n<|assistant|>\nCopper is used in",
 ]
-IMAGE_PROMPT = "<|user|>\n<|image_1|>\nWhat shapes are in this picture?<|end|>\n<|assistant|>\n"
+IMAGE_QUESTION = "What shapes are in this picture?"
 SCORED_POSITIONS = 64  # per prompt, the last ones
 
 ModelLoader = Callable[[str | None], DecoderModel]  # the model, computing in the given dtype
@@ -61,7 +61,12 @@ def calibration_inputs(processor: Any) -> list[dict[str, Any]]:
     """The calibration prompts as model inputs, for a vision model the image prompt last."""
     inputs = [processor(p) for p in CALIBRATION_PROMPTS]
     if processor.vision:
-        inputs.append(processor(IMAGE_PROMPT, images=[calibration_image()], num_crops=1))
+        content = [{"type": "image"}, {"type": "text", "text": IMAGE_QUESTION}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}])
+        # The fewest crops where the model crops images; a model that sizes them otherwise
+        # (its default is None) takes no num_crops.
+        crops = {} if processor.crops(None) is None else {"num_crops": 1}
+        inputs.append(processor(prompt, images=[calibration_image()], **crops))
     return inputs
 
 

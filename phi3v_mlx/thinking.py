@@ -30,7 +30,7 @@ def thinking_mode(processor: Any, thinking: str | None) -> str | None:
     modes = getattr(processor, "thinking_modes", None)
     if not modes:
         if thinking is not None:
-            raise ThinkingError("this model has no thinking modes: leave thinking unset")
+            raise ThinkingError("this model has no thinking modes")
         return None
     if thinking is None:
         return DEFAULT_MODE
@@ -53,15 +53,38 @@ def render(
     return processor.apply_chat_template(messages, **template_options(mode)), mode
 
 
-def split_text(processor: Any, mode: str | None, text: str) -> tuple[str, str, bool]:
-    """A whole generated text's reasoning and answer, and whether the thought was left open
-    (the reasoning is "" for a model without thinking modes)."""
-    if mode is None:
-        return "", text, False
-    stream = processor.reasoning_stream(mode)
-    reasoning, answer = stream.feed(text)
-    more_reasoning, more_answer = stream.finish()
-    return reasoning + more_reasoning, answer + more_answer, stream.thinking
+class ReasoningSplit:
+    """One generation's text split into reasoning and answer as it streams (all answer for a
+    model without thinking modes)."""
+
+    def __init__(self, processor: Any, mode: str | None):
+        self.stream = None if mode is None else processor.reasoning_stream(mode)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the text is split (the model has thinking modes)."""
+        return self.stream is not None
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """The (reasoning, answer) deltas of the next piece of generated text."""
+        return ("", text) if self.stream is None else self.stream.feed(text)
+
+    def finish(self, finish_reason: str | None) -> tuple[str, str, str | None]:
+        """The (reasoning, answer) text held back at the end, and the generation's finish
+        reason: "length" if it ended inside its thought (the answer never came)."""
+        if self.stream is None:
+            return "", "", finish_reason
+        reasoning, answer = self.stream.finish()
+        return reasoning, answer, "length" if self.stream.thinking else finish_reason
+
+
+def split_text(processor: Any, mode: str | None, text: str) -> tuple[str, str, str | None]:
+    """A whole generated text's reasoning and answer, and "length" if the thought was left
+    open (else None); the reasoning is "" for a model without thinking modes."""
+    split = ReasoningSplit(processor, mode)
+    reasoning, answer = split.feed(text)
+    more_reasoning, more_answer, finish = split.finish(None)
+    return reasoning + more_reasoning, answer + more_answer, finish
 
 
 def split_chunks(
@@ -70,19 +93,14 @@ def split_chunks(
     """``chunks`` with each one's text split into ``reasoning`` and ``text`` (the answer). A
     generation that ends inside its thought (the answer never came) finishes with "length".
     Closing this stream closes ``chunks``."""
-    if mode is None:
-        yield from chunks
-        return
-    stream = processor.reasoning_stream(mode)
+    split = ReasoningSplit(processor, mode)
     try:
         for chunk in chunks:
-            reasoning, answer = stream.feed(chunk.text)
-            if chunk.finish_reason is None:
-                yield replace(chunk, text=answer, reasoning=reasoning)
-                continue
-            more_reasoning, more_answer = stream.finish()
-            finish = "length" if stream.thinking else chunk.finish_reason
-            yield replace(chunk, text=answer + more_answer, reasoning=reasoning + more_reasoning,
-                          finish_reason=finish)  # fmt: skip
+            reasoning, answer = split.feed(chunk.text)
+            if chunk.finish_reason is not None:
+                more_reasoning, more_answer, finish = split.finish(chunk.finish_reason)
+                reasoning, answer = reasoning + more_reasoning, answer + more_answer
+                chunk = replace(chunk, finish_reason=finish)
+            yield replace(chunk, text=answer, reasoning=reasoning)
     finally:
         chunks.close()

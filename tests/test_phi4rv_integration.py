@@ -10,9 +10,11 @@ stand-in of ``test_phi4rv`` with the reasoning markers added as special tokens, 
 may mark them.
 """
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from PIL import Image
@@ -163,3 +165,245 @@ def test_models_without_thinking_modes_refuse_it(loaded):
         session.send("Hi", thinking="on")
     with pytest.raises(ValueError, match="thinking must be one of"):
         phi3v_mlx.ChatSession(*loaded).send("Hi", thinking="maybe")
+
+
+# --- conversion --------------------------------------------------------------------------------
+
+WIDE = 4304  # SigLIP-so400m's MLP width: no group size divides fc2's input
+
+
+def wide_vision_checkpoint(folder: Path) -> Path:
+    """The tiny checkpoint (its own weights) with the byte tokenizer and a vision MLP as wide as
+    the real tower's."""
+    folder.mkdir()
+    byte_tokenizer_checkpoint(folder)
+    (folder / "preprocessor_config.json").write_bytes(
+        (CHECKPOINT / "preprocessor_config.json").read_bytes()
+    )
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["vision_config"]["intermediate_size"] = WIDE
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    weights = {}
+    for file in CHECKPOINT.glob("*.safetensors"):
+        weights.update(mx.load(str(file)))
+    rng = np.random.default_rng(0)
+    for name in list(weights):
+        if ".mlp.fc1." in name or ".mlp.fc2." in name:
+            shape = list(weights[name].shape)
+            shape = [WIDE if size == 64 else size for size in shape]
+            weights[name] = mx.array(rng.normal(0, 0.05, shape).astype(np.float32))
+    mx.save_safetensors(str(folder / "model.safetensors"),
+                        {k: v.astype(mx.bfloat16) for k, v in weights.items()},
+                        metadata={"format": "pt"})  # fmt: skip
+    return folder
+
+
+def stored(folder: Path) -> dict[str, mx.array]:
+    return mx.load(str(next(folder.glob("*.safetensors"))))
+
+
+@pytest.mark.parametrize(("bits", "vision"), [(4, False), (8, True)])
+def test_quantized_conversion_reloads(tmp_path, bits, vision):
+    from phi3v_mlx.convert import convert
+
+    source = wide_vision_checkpoint(tmp_path / "source")
+    target = tmp_path / "converted"
+    convert(source, target, quantize=True, q_bits=bits, quantize_vision=vision, check=False,
+            log=lambda line: None)  # fmt: skip
+    tensors = stored(target)
+    quantized = {name[: -len(".scales")] for name in tensors if name.endswith(".scales")}
+    assert "lm_head" in quantized and "model.layers.0.self_attn.qkv_proj" in quantized
+    tower = "model.vision_tower.vision_tower.vision_model."
+    fc1, fc2 = (f"{tower}encoder.layers.0.mlp.fc{i}" for i in (1, 2))
+    assert (fc1 in quantized) == vision and ("model.mm_projector.0" in quantized) == vision
+    assert fc2 not in quantized and f"{tower}embeddings.patch_embedding" not in quantized
+    settings = json.loads((target / "config.json").read_text())["quantization"]
+    assert settings["bits"] == bits and (fc2 in settings) == vision
+    if vision:
+        assert settings[fc2] is False and settings[fc1] == {"group_size": 32, "bits": bits}
+
+    # Reloaded, it computes what the source does with those layers quantized in memory.
+    model, processor = phi3v_mlx.load(target, dtype="bfloat16")
+    same, _ = phi3v_mlx.load(source, dtype="bfloat16")
+
+    def predicate(path: str, _) -> bool | dict:
+        name = official(same, path)
+        return name in quantized and settings.get(name, True)
+
+    nn.quantize(same, bits=bits, class_predicate=predicate)
+    small = Image.open(ROOT / "images" / "p_tiny.png")
+    inputs = processor("<image>\nHi?", images=[small])
+    got, want = model(**inputs)[0, -1], same(**inputs)[0, -1]
+    assert mx.array_equal(got, want)
+
+
+def official(model, path: str) -> str:
+    return model.official_name(f"{path}.")[:-1]
+
+
+def test_calibration_image_prompt_is_the_models(tmp_path):
+    from phi3v_mlx.fidelity import CALIBRATION_PROMPTS, calibration_inputs
+    from phi3v_mlx.models.phi4rv import load_processor
+
+    folder = wide_vision_checkpoint(tmp_path / "source")
+    processor = load_processor(folder, phi3v_mlx.models.phi4rv.ModelConfig.from_file(folder))
+    inputs = calibration_inputs(processor)
+    assert len(inputs) == len(CALIBRATION_PROMPTS) + 1
+    ids = np.asarray(inputs[-1]["input_ids"])[0].tolist()
+    slots = int(np.asarray(inputs[-1]["num_image_tokens"]).sum())
+    assert ids.count(-1) == slots > 0
+    text = [t for t in ids if t >= 0]
+    assert processor.tokenizer.decode(text).endswith(
+        "<|im_start|>user<|im_sep|>\nWhat shapes are in this picture?<|im_end|>\n"
+        "<|im_start|>assistant<|im_sep|>\n"
+    )
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_cli_generate_answer_on_stdout_reasoning_on_stderr(loaded, folder, tmp_path, mode):
+    from typer.testing import CliRunner
+
+    from phi3v_mlx import cli
+
+    model, processor = loaded
+    picture = tmp_path / "picture.png"
+    image().save(picture)
+    want = reference(model, processor, QUESTION, mode)
+    reasoning, answer, _ = split_text(processor, mode, want.text)
+    result = CliRunner().invoke(
+        cli.app,
+        ["generate", "--model", str(folder), "--image", str(picture), "--prompt", "Hi?",
+         "--thinking", mode, "-m", "16", "--dtype", "float32", "--verbose"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout == answer + "\n"
+    assert (reasoning + "\n") in result.stderr if reasoning else "Why" not in result.stderr
+    assert f"Generation: {len(want.tokens)} tokens" in result.stderr
+
+
+def test_cli_chat_thinking_and_refusals(folder):
+    from typer.testing import CliRunner
+
+    from phi3v_mlx import cli
+
+    runner = CliRunner()
+    result = runner.invoke(
+        cli.app,
+        ["chat", "--model", str(folder), "--thinking", "auto", "--dtype", "float32"],
+        input="Hi?\nAnd?\n",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "42\n42\n" and result.stderr.count("Why\n") == 2
+    bad = runner.invoke(cli.app, ["generate", "--model", str(folder), "-p", "x", "--thinking", "x"])
+    assert bad.exit_code != 0 and "thinking must be one of" in str(bad.exception)
+
+
+# --- server ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    import threading
+    import time
+
+    import uvicorn
+
+    from phi3v_mlx.server import ServerSettings, create_app
+    from tests.test_server import _free_port
+
+    app = create_app(*loaded, ServerSettings(model_name="tiny"))
+    port = _free_port()
+    runner = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    while not runner.started:
+        assert thread.is_alive()
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    runner.should_exit = True
+    thread.join(timeout=30)
+
+
+def png_url() -> str:
+    import base64
+    import io
+
+    data = io.BytesIO()
+    image().save(data, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(data.getvalue()).decode()
+
+
+def reasoning_of(message) -> str | None:
+    return (message.model_extra or {}).get("reasoning_content")
+
+
+@pytest.mark.parametrize(
+    ("options", "mode"),
+    [({"extra_body": {"thinking": "on"}}, "on"), ({"reasoning_effort": "minimal"}, "off"),
+     ({}, "auto"), ({"reasoning_effort": "low"}, "auto")],
+)  # fmt: skip
+def test_server_splits_reasoning_for_the_openai_client(loaded, server, options, mode):
+    from tests.test_server import client
+
+    model, processor = loaded
+    want = reference(model, processor, QUESTION, mode)
+    reasoning, answer, _ = split_text(processor, mode, want.text)
+    content = [{"type": "image_url", "image_url": {"url": png_url()}},
+               {"type": "text", "text": "Hi?"}]  # fmt: skip
+    request = dict(model="tiny", messages=[{"role": "user", "content": content}],
+                   max_tokens=16, temperature=0, **options)  # fmt: skip
+    api = client(server)
+    whole = api.chat.completions.create(**request)
+    assert whole.choices[0].message.content == answer
+    assert reasoning_of(whole.choices[0].message) == reasoning
+    assert whole.choices[0].finish_reason == "stop"
+    assert whole.usage.completion_tokens == len(want.tokens)
+
+    stream = api.chat.completions.create(**request, stream=True)
+    thought, said, finish = "", "", None
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        thought += reasoning_of(delta) or ""
+        said += delta.content or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert (thought, said, finish) == (reasoning, answer, "stop")
+
+
+def test_server_thought_cut_by_max_tokens_and_refusals(server):
+    import openai
+
+    from tests.test_server import client
+
+    api = client(server)
+    messages = [{"role": "user", "content": "Hi?"}]
+    cut = api.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0,
+                                      extra_body={"thinking": "on"})  # fmt: skip
+    choice = cut.choices[0]
+    assert choice.finish_reason == "length" and choice.message.content == ""
+    assert reasoning_of(choice.message) == "Wh" and cut.usage.completion_tokens == 2
+    assert api.models.list().data[0].model_extra["thinking_modes"] == ["on", "off", "auto"]
+    for body, message in [
+        ({"thinking": "maybe"}, "thinking must be one of"),
+        ({"thinking": "on", "reasoning_effort": "high"}, "not both"),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort must be one of"),
+    ]:
+        with pytest.raises(openai.BadRequestError, match=message):
+            api.chat.completions.create(model="tiny", messages=messages, extra_body=body)
+
+
+def test_server_of_a_model_without_thinking_refuses_it():
+    import openai
+
+    from tests.test_server import client, live_server
+
+    with live_server() as base:
+        api = client(base)
+        messages = [{"role": "user", "content": "Hi?"}]
+        plain = api.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+        assert reasoning_of(plain.choices[0].message) is None
+        for body in ({"thinking": "off"}, {"reasoning_effort": "high"}):
+            with pytest.raises(openai.BadRequestError, match="no thinking modes"):
+                api.chat.completions.create(model="tiny", messages=messages, extra_body=body)

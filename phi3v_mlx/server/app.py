@@ -8,7 +8,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,11 @@ from ..generate import SamplingOptions
 from ..keys import image_digest, position_keys
 from ..models.base import DecoderModel
 from ..processor import Processor
+from ..thinking import ReasoningSplit, template_options
 from .engine import EngineThread, Job
 from .media import ImageReader
 from .middleware import Guard, RequestLog
-from .schema import conversation, field, request_body, sampling_options
+from .schema import conversation, field, request_body, sampling_options, thinking_option
 from .settings import ApiError, ServerSettings
 from .speech import add_speech_routes, audio_bytes, read_recordings, seconds_of, submit
 
@@ -54,6 +55,9 @@ def create_app(model: DecoderModel, processor: Processor, settings: ServerSettin
         engine.join(timeout=30)
 
     app = FastAPI(title="phi3v-mlx", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # The reasoning modes the request field ``thinking`` takes, listed for a model that has them.
+    modes = list(getattr(processor, "thinking_modes", None) or ())
+    thinking_modes = {"thinking_modes": modes} if modes else {}
     app.state.engine = engine
 
     @app.exception_handler(ApiError)
@@ -95,6 +99,7 @@ def create_app(model: DecoderModel, processor: Processor, settings: ServerSettin
                     "object": "model",
                     "created": 0,
                     "owned_by": "phi3v-mlx",
+                    **thinking_modes,
                 }
             ],
         }
@@ -103,6 +108,7 @@ def create_app(model: DecoderModel, processor: Processor, settings: ServerSettin
     async def chat_completions(http: HttpRequest) -> Any:
         body = request_body(await http.body())
         options, stops = sampling_options(body, settings)
+        thinking = thinking_option(body, processor)
         messages, urls, audios = conversation(body, settings)
         num_crops = field(body, "num_crops", (int,))
         loop = asyncio.get_running_loop()
@@ -119,6 +125,7 @@ def create_app(model: DecoderModel, processor: Processor, settings: ServerSettin
             loop,
             audios,
             settings,
+            thinking,
         )
         submit(engine, job)
         http.state.job = job
@@ -161,6 +168,7 @@ def fetch_and_prepare(
     loop: asyncio.AbstractEventLoop,
     audios: list[dict[str, str]] = (),
     settings: ServerSettings | None = None,
+    thinking: str | None = None,
 ) -> Job:
     """Read the images (fetching remote ones, when allowed) and the recordings, render and
     tokenize the conversation and check its length: every refusal before the job reaches the
@@ -174,7 +182,7 @@ def fetch_and_prepare(
         if audios:
             sources = [audio_bytes(part, i) for i, part in enumerate(audios)]
             sounds = read_recordings(processor, sources, bool(loaded), settings, "messages")
-        prompt = processor.apply_chat_template(messages)
+        prompt = processor.apply_chat_template(messages, **template_options(thinking))
         counts = [processor.image_tokens(im, crops) for im in loaded]
         if sounds is not None:
             ids = processor.tokenize(prompt, counts, sounds.tokens)
@@ -190,6 +198,7 @@ def fetch_and_prepare(
     job = Job(request, options, position_keys(ids, media_keys), image_keys, loop,
               asyncio.Queue())  # fmt: skip
     job.audio_seconds = seconds_of(sounds)
+    job.split = ReasoningSplit(processor, thinking)
     return job
 
 
@@ -223,6 +232,11 @@ async def _complete(
         watch.cancel()
     result = event.result
     http.state.usage = _usage(job, result.generation_tokens)
+    reasoning, content = job.split.feed("".join(texts))
+    more_reasoning, more_content, finish = job.split.finish(result.finish_reason)
+    message = {"role": "assistant", "content": content + more_content}
+    if job.split.enabled:
+        message["reasoning_content"] = reasoning + more_reasoning
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -231,8 +245,8 @@ async def _complete(
         "choices": [
             {
                 "index": 0,
-                "finish_reason": result.finish_reason,
-                "message": {"role": "assistant", "content": "".join(texts)},
+                "finish_reason": finish,
+                "message": message,
             }
         ],
         "usage": http.state.usage,
@@ -250,8 +264,8 @@ async def _report_disconnect(http: Any, job: Job) -> None:
 async def _stream(
     job: Job, engine: EngineThread, completion_id: str, model: str, include_usage: bool
 ) -> AsyncIterator[str]:
-    """Server-sent events: a role chunk, content chunks, the finish chunk, usage, [DONE]. A
-    client that goes away has its generation cancelled."""
+    """Server-sent events: a role chunk, content (and reasoning_content) chunks, the finish
+    chunk, usage, [DONE]. A client that goes away has its generation cancelled."""
     created = int(time.time())
 
     def sse(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -268,6 +282,12 @@ async def _stream(
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
         return sse([{"index": 0, "delta": delta, "finish_reason": finish}])
 
+    def deltas(reasoning: str, content: str) -> Iterator[str]:
+        if reasoning:
+            yield chunk({"reasoning_content": reasoning})
+        if content:
+            yield chunk({"content": content})
+
     finished = False
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -277,11 +297,14 @@ async def _stream(
                 yield f"data: {json.dumps(job.error(event).body)}\n\n"
                 finished = True
                 break
-            if event.text:
-                yield chunk({"content": event.text})
+            for delta in deltas(*job.split.feed(event.text)):
+                yield delta
             if event.result is not None:
                 finished = True
-                yield chunk({}, event.result.finish_reason)
+                reasoning, content, finish = job.split.finish(event.result.finish_reason)
+                for delta in deltas(reasoning, content):
+                    yield delta
+                yield chunk({}, finish)
                 if include_usage:
                     usage = _usage(job, event.result.generation_tokens)
                     yield sse([], usage=usage)

@@ -7,13 +7,14 @@ import asyncio
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..batch import BatchEngine, Request, RowEvent
 from ..generate import SamplingOptions
 from ..models.base import DecoderModel
 from ..processor import Processor
+from ..thinking import ReasoningSplit
 from .settings import ApiError, ServerSettings
 from .store import PromptStore
 
@@ -34,6 +35,8 @@ class Job:
     cached_tokens: int = 0
     prompt_tokens: int = 0
     audio_seconds: float = 0.0  # of recordings, held against the in-flight limit
+    # the answer's text into reasoning_content and content (a model with thinking modes)
+    split: ReasoningSplit = field(default_factory=lambda: ReasoningSplit(None, None))
 
     def error(self, event: RowEvent) -> ApiError:
         """The answer to a row that ended with an error: a 400 if the request is to blame,

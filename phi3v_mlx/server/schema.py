@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from ..generate import SamplingOptions
+from ..thinking import thinking_mode
 from .settings import ApiError, ServerSettings
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -76,6 +77,32 @@ def sampling_options(
         return SamplingOptions(**values), [s for s in stops if s]
     except ValueError as e:
         param = next((k for k in values if k in str(e)), None)
+        raise ApiError(400, str(e), param=param) from None
+
+
+# OpenAI's reasoning_effort as a thinking mode: no reasoning at the lowest efforts, the model's
+# own choice at "low", always reasoning above.
+EFFORT_MODES = {"none": "off", "minimal": "off", "low": "auto", "medium": "on", "high": "on"}
+
+
+def thinking_option(body: dict[str, Any], processor: Any) -> str | None:
+    """The answer's reasoning mode from ``thinking`` ("on", "off", "auto") or
+    ``reasoning_effort``; None for a model without thinking modes, which refuses both."""
+    thinking, effort = body.get("thinking"), body.get("reasoning_effort")
+    if thinking is not None and effort is not None:
+        raise ApiError(400, "give thinking or reasoning_effort, not both", param="thinking")
+    param = "thinking"
+    if effort is not None:
+        if effort not in EFFORT_MODES:
+            efforts = ", ".join(EFFORT_MODES)
+            raise ApiError(400, f"reasoning_effort must be one of {efforts}",
+                           param="reasoning_effort")  # fmt: skip
+        thinking, param = EFFORT_MODES[effort], "reasoning_effort"
+    if thinking is not None and not isinstance(thinking, str):
+        raise ApiError(400, "thinking must be one of on, off, auto", param=param)
+    try:
+        return thinking_mode(processor, thinking)
+    except ValueError as e:
         raise ApiError(400, str(e), param=param) from None
 
 

@@ -107,6 +107,12 @@ class ModelConfig:
     def max_position_embeddings(self) -> int:
         return self.text.max_position_embeddings
 
+    @property
+    def torch_dtype(self) -> str | None:
+        """The stored weights' dtype (``dtype`` in the Hub's config, ``torch_dtype`` in older
+        ones and in this package's conversions)."""
+        return self.text.torch_dtype
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build a config from the parsed ``config.json``."""
@@ -127,7 +133,10 @@ class ModelConfig:
             vision_config = known_fields(VisionConfig, vision)
         except TypeError as e:
             raise ConfigError(f"config.json: vision_config is malformed: {e}") from None
-        text = TextConfig.from_dict({**values, "model_type": "phi3", "quantization": None})
+        dtype = values.get("torch_dtype") or values.get("dtype")
+        text = TextConfig.from_dict(
+            {**values, "model_type": "phi3", "quantization": None, "torch_dtype": dtype}
+        )
         return config_from_dict(
             cls, {**values, "text": text, "vision_config": vision_config, "model_type": MODEL_TYPE}
         )
