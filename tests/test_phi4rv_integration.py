@@ -407,3 +407,53 @@ def test_server_of_a_model_without_thinking_refuses_it():
         for body in ({"thinking": "off"}, {"reasoning_effort": "high"}):
             with pytest.raises(openai.BadRequestError, match="no thinking modes"):
                 api.chat.completions.create(model="tiny", messages=messages, extra_body=body)
+
+
+# --- chat page ---------------------------------------------------------------------------------
+
+
+def test_chat_page_folds_the_streamed_reasoning(server, tmp_path):
+    from selenium.webdriver.support.ui import Select
+
+    from tests.test_chat_page import (
+        CHROMEDRIVER,
+        CHROMIUM,
+        _answers,
+        _ask,
+        _by_id,
+        _set,
+        _wait,
+        _wait_answer,
+        browser,
+    )
+
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("no headless browser")
+    with browser(tmp_path) as driver:
+        driver.get(server)
+        _wait(lambda: _by_id(driver, "model").text == "tiny")
+        _by_id(driver, "toggle-settings").click()
+        _wait(lambda: _by_id(driver, "thinking").is_displayed())
+        _set(driver, "max-tokens", 16)
+        _set(driver, "temperature", 0)
+        Select(_by_id(driver, "thinking")).select_by_value("on")
+        _ask(driver, "Hi?")
+        assert _wait_answer(driver, 1) == "42"
+        folded = _answers(driver)[0].find_element("css selector", "details.reasoning")
+        assert folded.get_attribute("open") is None
+        assert folded.find_element("css selector", ".thought").get_attribute("textContent") == "Why"
+        assert folded.find_element("css selector", "summary").text == "Thought"
+
+        Select(_by_id(driver, "thinking")).select_by_value("off")
+        _ask(driver, "And?")
+        assert _wait_answer(driver, 2) == "OK"
+        assert not _answers(driver)[1].find_elements("css selector", "details.reasoning")
+        sent = driver.execute_script("return history.map((m) => m.content)")
+        assert sent[1] == "42"  # the reasoning is not sent back
+
+        _set(driver, "max-tokens", 2)
+        Select(_by_id(driver, "thinking")).select_by_value("on")
+        _ask(driver, "Again?")
+        assert _wait_answer(driver, 3) == ""
+        cut = _answers(driver)[2].find_element("css selector", "details.reasoning summary")
+        assert "cut off" in cut.get_attribute("textContent")
