@@ -51,7 +51,7 @@ def _report(group, **values) -> None:
 def memory(args: argparse.Namespace) -> None:
     group = launch_group()
     start = time.perf_counter()
-    model, processor = phi3v_mlx.load(args.model, group=group)
+    model, processor = phi3v_mlx.load(args.model, args.dtype, group=group)
     load_s = time.perf_counter() - start
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     loaded = (_gb(mx.get_peak_memory()), _rss_gb())
