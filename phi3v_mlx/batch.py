@@ -383,7 +383,7 @@ class BatchEngine:
             self.processor.check_length(len(row.ids))
             check_slots(row.ids, counts + sounds, len(counts))
         adapter = media_adapter(self.model, bool(images), bool(sounds))
-        if row.cache is not None and getattr(row.cache, "adapter", None) != adapter:
+        if row.cache is not None and getattr(row.cache.rope, "adapter", None) != adapter:
             row.cache = None  # its positions were read with another adapter
         if row.cache is not None:
             row.prefix = min(row.prefix, len(row.ids) - 1)
@@ -391,8 +391,8 @@ class BatchEngine:
                 row.cache = None
         if row.cache is None:
             row.cache, row.prefix = self.model.make_cache(), 0
-        if adapter is not None:
-            row.cache.adapter = adapter
+            if adapter is not None:
+                row.cache.adapter = adapter
         return images
 
     def _fill_audio(self, row: _Row, missing: list[int], images: int) -> list[int]:

@@ -280,7 +280,7 @@ class ChatSession:
         if self._cache is None or self._cache_kv_size != settings.max_kv_size:
             self._cache = self.model.make_cache(settings.max_kv_size)
             self._cache_kv_size, self._ids = settings.max_kv_size, []
-        if getattr(self._cache, "adapter", None) != adapter:
+        if getattr(self._cache.rope, "adapter", None) != adapter:
             limit = 0  # the adapter acts on every position
         prefix = min(common_prefix(self._ids, ids), len(ids) - 1, limit)
         if not self._cache.trim_to(prefix):

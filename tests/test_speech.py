@@ -268,6 +268,29 @@ def test_server_chat_input_audio_equals_generate_with_the_image_first(loaded, se
     assert reply.choices[0].message.content == expected.text
 
 
+def test_server_reuses_a_prompt_cache_only_under_its_adapter(loaded, server):
+    model, processor = loaded
+    long = "Please listen carefully to every word of the following recording, " * 3
+    text = [{"role": "user", "content": long}]
+    ask = {"model": "tiny", "max_tokens": 6, "temperature": 0}
+    first = client(server).chat.completions.create(messages=text, **ask)
+    encoded = base64.b64encode(SHORT.read_bytes()).decode()
+    clip = {"type": "input_audio", "input_audio": {"data": encoded, "format": "wav"}}
+    question = {"role": "user", "content": [clip, {"type": "text", "text": QUESTION}]}
+    conversation = [*text, {"role": "assistant", "content": first.choices[0].message.content},
+                    question]  # fmt: skip
+    heard = client(server).chat.completions.create(messages=conversation, **ask)
+    assert heard.usage.prompt_tokens_details.cached_tokens == 0  # read without the adapter
+    rendered = processor.apply_chat_template([*conversation[:2], {"role": "user", "content": [
+        {"type": "audio"}, {"type": "text", "text": QUESTION}]}])  # fmt: skip
+    expected = phi3v_mlx.generate(model, processor, rendered, audios=[SHORT], max_tokens=6)
+    assert heard.choices[0].message.content == expected.text
+    conversation += [{"role": "assistant", "content": heard.choices[0].message.content},
+                     {"role": "user", "content": "And then?"}]  # fmt: skip
+    again = client(server).chat.completions.create(messages=conversation, **ask)
+    assert again.usage.prompt_tokens_details.cached_tokens > 40  # the speech prefix, reused
+
+
 def test_server_refusals_are_4xx_in_the_openai_shape(server, tmp_path):
     files = {"file": ("a.wav", SHORT.read_bytes(), "audio/wav")}
     url = f"{server}/v1/audio/transcriptions"
