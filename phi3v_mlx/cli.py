@@ -529,10 +529,12 @@ def transcribe(
     if output is not None and not output.parent.is_dir():
         raise ValueError(f"--output {output}: the folder {output.parent} does not exist")
     path, processor = _processor(model, dtype, None)
-    waves = [load_waves(processor, file, i)[0] for i, file in enumerate(files)]
+    for i, file in enumerate(files):  # every file checked before the model loads
+        load_waves(processor, file, i)
     loaded_model = _weights(path, dtype, adapter_path)
     rows = []
-    for file, wave in zip(files, waves, strict=True):
+    for i, file in enumerate(files):
+        wave = load_waves(processor, file, i)[0]  # one recording in memory at a time
         if len(files) > 1:
             typer.echo(f"== {file}", err=True)
         seconds = len(wave) / 16_000
