@@ -34,7 +34,7 @@ def thinking_mode(processor: Any, thinking: str | None) -> str | None:
         return None
     if thinking is None:
         return DEFAULT_MODE
-    if thinking not in modes:
+    if not isinstance(thinking, str) or thinking not in modes:
         raise ThinkingError(f"thinking must be one of {', '.join(modes)}; got {thinking!r}")
     return thinking
 
