@@ -34,6 +34,7 @@ from .recordings import audio_tokens, load_waves  # noqa: E402
 from .session import ChatSession  # noqa: E402
 from .speech import MAX_TOKENS as MAX_SPEECH_TOKENS  # noqa: E402
 from .speech import instruction, stream_transcription  # noqa: E402
+from .thinking import split_chunks, thinking_mode  # noqa: E402
 
 DEFAULT_MODEL = "mlx-community/Phi-3.5-vision-instruct-4bit"
 SPEECH_MODEL = "microsoft/Phi-4-multimodal-instruct"
@@ -101,6 +102,14 @@ DtypeOption = Annotated[
     typer.Option("--dtype", help="Compute in float32, float16 or bfloat16 (default: stored)."),
 ]
 VerboseOption = Annotated[bool, typer.Option("--verbose", help="Statistics on stderr.")]
+ThinkingOption = Annotated[
+    str | None,
+    typer.Option(
+        "--thinking",
+        help="Reasoning mode of a model that has them: on, off or auto (the model chooses; the "
+        "default). The reasoning goes to stderr, dimmed in a terminal.",
+    ),
+]
 AdapterOption = Annotated[
     Path | None, typer.Option("--adapter-path", help="A fine-tuned adapter (phi3v lora).")
 ]
@@ -240,8 +249,30 @@ def _weights(
                           adapter_path=adapter_path)  # fmt: skip
 
 
+def _show_reasoning(chunks: Iterator[GenerationChunk]) -> Iterator[GenerationChunk]:
+    """``chunks`` passed on, the reasoning of each written to stderr as it comes (dimmed in a
+    terminal) and ended with a line break when the answer starts."""
+    dim, reset = ("\x1b[2m", "\x1b[0m") if sys.stderr.isatty() else ("", "")
+    thinking = False
+    try:
+        for chunk in chunks:
+            if chunk.reasoning:
+                sys.stderr.write(("" if thinking else dim) + chunk.reasoning)
+                sys.stderr.flush()
+                thinking = True
+            if thinking and (chunk.text or chunk.finish_reason):
+                sys.stderr.write(reset + "\n")
+                sys.stderr.flush()
+                thinking = False
+            yield chunk
+    finally:
+        if thinking:
+            sys.stderr.write(reset + "\n")
+        chunks.close()
+
+
 def _echo(chunks: Iterator[GenerationChunk]) -> GenerationResult:
-    result = collect(chunks, sys.stdout)
+    result = collect(_show_reasoning(chunks), sys.stdout)
     sys.stdout.write("\n")
     sys.stdout.flush()
     return result
@@ -269,6 +300,7 @@ def generate(
     dtype: DtypeOption = None,
     adapter_path: AdapterOption = None,
     verbose: VerboseOption = False,
+    thinking: ThinkingOption = None,
 ) -> None:
     """Answer one prompt about images, streamed to stdout.
 
@@ -283,7 +315,8 @@ def generate(
     images = _check_images(list(image or []))
     path, processor = _processor(model, dtype, num_crops, quiet=not first)
     waves = load_waves(processor, list(audio)) if audio else []
-    prompt_text = chat_prompt(processor, text, len(images), system, audios=len(waves))
+    mode = thinking_mode(processor, thinking)
+    prompt_text = chat_prompt(processor, text, len(images), system, len(waves), mode)
     crops = processor.crops(num_crops)
     counts = [processor.image_tokens(im, crops) for im in images]
     if waves:
@@ -298,7 +331,7 @@ def generate(
             progress=interrupt.checked(bar("Reading the prompt")), **media, **vars(options),
         )  # fmt: skip
         try:
-            result = _echo(interrupt.stream(chunks))
+            result = _echo(interrupt.stream(split_chunks(chunks, processor, mode)))
         except KeyboardInterrupt:
             result = None
     if interrupt.requested:
@@ -335,6 +368,7 @@ def chat(
     dtype: DtypeOption = None,
     adapter_path: AdapterOption = None,
     verbose: VerboseOption = False,
+    thinking: ThinkingOption = None,
 ) -> None:
     """An interactive chat about images, one conversation.
 
@@ -348,6 +382,7 @@ def chat(
     interactive = sys.stdin.isatty()
     group, first = _ranks()
     path, processor = _processor(model, dtype, num_crops, quiet=not first)
+    thinking_mode(processor, thinking)
     loaded_model = _weights(path, dtype, adapter_path, group)
     session = ChatSession(loaded_model, processor, system=system)
     failed = False
@@ -415,7 +450,8 @@ def chat(
             try:
                 chunks = session.stream(
                     text, images=pending, num_crops=num_crops, audios=sounds or None,
-                    progress=interrupt.checked(bar("Reading the prompt")), **vars(options),
+                    progress=interrupt.checked(bar("Reading the prompt")), thinking=thinking,
+                    **vars(options),
                 )  # fmt: skip
                 result = _echo(interrupt.stream(chunks))
             except KeyboardInterrupt:
