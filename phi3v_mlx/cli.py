@@ -43,6 +43,7 @@ UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageE
 CHAT_HELP = """Type a message and press Enter. Commands:
   /image PATH   attach an image to the next message (repeat for several)
   /audio PATH   attach a recording to the next message (after its images)
+  /thinking M   reasoning mode of the next answers: on, off or auto (models that have them)
   /clear        start a new conversation
   /help         show this help
   /exit         leave (Ctrl-D works too); Ctrl-C stops an answer, not the chat
@@ -411,6 +412,13 @@ def chat(
                 break
             if command == "/help":
                 typer.echo(CHAT_HELP, err=True)
+            elif command == "/thinking":
+                try:
+                    thinking = thinking_mode(processor, argument.strip())
+                except ValueError as e:
+                    error(str(e))
+                    continue
+                typer.echo(f"(thinking {thinking} from the next answer)", err=True)
             elif command == "/clear":
                 session.reset()
                 pending, sounds = [], []

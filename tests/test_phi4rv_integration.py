@@ -301,6 +301,14 @@ def test_cli_chat_thinking_and_refusals(folder):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.stdout == "42\n42\n" and result.stderr.count("Why\n") == 2
+    switched = runner.invoke(
+        cli.app,
+        ["chat", "--model", str(folder), "--dtype", "float32"],
+        input="/thinking off\nHi?\n/thinking maybe\n/thinking on\nAnd?\n",
+    )  # fmt: skip
+    assert switched.stdout == "OK\n42\n" and switched.exit_code == 1  # the bad mode failed
+    assert "(thinking off from the next answer)" in switched.stderr
+    assert "error: thinking must be one of on, off, auto; got 'maybe'" in switched.stderr
     bad = runner.invoke(cli.app, ["generate", "--model", str(folder), "-p", "x", "--thinking", "x"])
     assert bad.exit_code != 0 and "thinking must be one of" in str(bad.exception)
 
