@@ -5,8 +5,7 @@ import json
 import mlx.core as mx
 import mlx.nn as nn
 
-from phi3v_mlx.models.phi3v import ModelConfig
-from phi3v_mlx.models.phi3v import Model
+from phi3v_mlx.models.phi3v import Model, ModelConfig
 from tests.conftest import MODELS
 
 
