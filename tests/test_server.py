@@ -222,6 +222,8 @@ def test_bad_requests_are_one_line_4xx(server):
         assert response.status_code == 400, (body, response.text)
         error = error_of(response)
         assert error["param"] == param and "\n" not in error["message"], error
+        if param == "tools":  # refused with the reason
+            assert "does not parse tool calls" in error["message"], error
     assert error_of(post(None, content=b"{not json"))["message"] == "the body is not valid JSON"
 
 

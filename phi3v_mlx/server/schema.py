@@ -25,6 +25,13 @@ NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
+# Why a tool-bearing request is refused, for models whose chat template renders tools.
+TOOLS_REFUSAL = (
+    ": it does not parse tool calls out of answers (in the Python API, a model whose chat "
+    'template renders tools, such as Phi-4-mini, reads them from a system message\'s "tools")'
+)
+
+
 def request_body(raw: bytes) -> dict[str, Any]:
     """The request's JSON object, its null fields left out: null means "not set" everywhere."""
     try:
@@ -53,7 +60,8 @@ def sampling_options(
     """The request's sampling options and stop strings."""
     for name, no_ops in NO_OP_VALUES.items():
         if name in body and body[name] not in no_ops:
-            raise ApiError(400, f"{name} is not supported by this server", param=name)
+            why = TOOLS_REFUSAL if name in ("tools", "functions", "tool_choice") else ""
+            raise ApiError(400, f"{name} is not supported by this server{why}", param=name)
     n = field(body, "n", (int,), 1)
     if n != 1:
         raise ApiError(400, "only n = 1 is supported", param="n")
