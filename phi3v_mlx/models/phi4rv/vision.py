@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..siglip import SiglipEncoderLayer
 from .config import ModelConfig, VisionConfig
 
 # The reference takes ``hidden_states[-2]``: the output of the second-to-last encoder layer.
@@ -69,54 +70,10 @@ class Embeddings(nn.Module):
         return x + mx.stack(positions)
 
 
-class Attention(nn.Module):
-    def __init__(self, config: VisionConfig):
-        super().__init__()
-        dims = config.hidden_size
-        self.heads = config.num_attention_heads
-        self.scale = (dims // self.heads) ** -0.5
-        self.q_proj = nn.Linear(dims, dims)
-        self.k_proj = nn.Linear(dims, dims)
-        self.v_proj = nn.Linear(dims, dims)
-        self.out_proj = nn.Linear(dims, dims)
-
-    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
-        B, L, _ = x.shape
-        q, k, v = (
-            p(x).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)
-            for p in (self.q_proj, self.k_proj, self.v_proj)
-        )
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: VisionConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu_approx(self.fc1(x)))
-
-
-class EncoderLayer(nn.Module):
-    def __init__(self, config: VisionConfig):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = Attention(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = MLP(config)
-
-    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.mlp(self.layer_norm2(x))
-
-
 class Encoder(nn.Module):
     def __init__(self, config: VisionConfig, layers: int):
         super().__init__()
-        self.layers = [EncoderLayer(config) for _ in range(layers)]
+        self.layers = [SiglipEncoderLayer(config) for _ in range(layers)]
 
 
 class VisionTower(nn.Module):
