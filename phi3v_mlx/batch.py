@@ -32,15 +32,17 @@ from .memory import PeakMemory, wired_limit
 from .models.base import DecoderModel, media_slots
 from .processor import ImageInput, Processor
 from .recordings import RowAudio, media_adapter
+from .thinking import ThinkingError, check_rendered, declared_mode, split_result
 
 
 @dataclass
 class Request:
     """One generation of a batch: a chat-formatted prompt (or token ids, media slots negative:
     the images, then the audios), the images its ``<|image_N|>`` tags name and the recordings
-    its ``<|audio_N|>`` tags name (a model that reads audio), and what differs from the batch's
+    its ``<|audio_N|>`` tags name (a model that reads audio), what differs from the batch's
     sampling settings (``options``: any :class:`SamplingOptions` field, such as
-    ``max_tokens``)."""
+    ``max_tokens``), and the reasoning mode its prompt was rendered in when it differs from the
+    batch's (``thinking``: "on", "off" or "auto", for a model with thinking modes)."""
 
     prompt: str | Sequence[int]
     images: Sequence[ImageInput] = ()
@@ -48,6 +50,7 @@ class Request:
     options: dict[str, Any] = field(default_factory=dict)
     stop: Sequence[str] = ()
     audios: Sequence[Any] = ()
+    thinking: str | None = None
 
 
 RequestLike = Request | str | dict[str, Any]
@@ -55,13 +58,14 @@ RequestLike = Request | str | dict[str, Any]
 
 def as_request(item: RequestLike) -> Request:
     """A :class:`Request` from itself, a prompt string, or a dict with the request's fields
-    (``prompt``, ``images``, ``audios``, ``num_crops``, ``stop``) and sampling options."""
+    (``prompt``, ``images``, ``audios``, ``num_crops``, ``stop``, ``thinking``) and sampling
+    options."""
     if isinstance(item, Request):
         return item
     if isinstance(item, str):
         return Request(item)
     if isinstance(item, dict):
-        names = ("prompt", "images", "audios", "num_crops", "stop")
+        names = ("prompt", "images", "audios", "num_crops", "stop", "thinking")
         fields = {k: item[k] for k in names if k in item}
         options = {k: v for k, v in item.items() if k not in fields}
         if "prompt" not in fields:
@@ -538,31 +542,52 @@ def stream_batch_generate(
     requests: Iterable[RequestLike],
     *,
     batch_size: int = 8,
+    thinking: str | None = None,
     **sampling: Any,
 ) -> Iterator[tuple[int, GenerationResult | Exception]]:
     """Answer many requests decoded together; yields ``(index, result)`` as each row ends, the
     index that of the request in ``requests``. A request that cannot be used (a missing image, a
-    prompt over the context, image slots that do not match its images) yields a ``ValueError``
-    in place of its result, a failure of its own work anything else a ``RuntimeError``, and the
-    rest go on.
+    prompt over the context, image slots that do not match its images, a prompt rendered in
+    another reasoning mode than its own) yields a ``ValueError`` in place of its result, a
+    failure of its own work anything else a ``RuntimeError``, and the rest go on.
 
     ``sampling`` are :class:`SamplingOptions` fields shared by every request, which a request's
     own ``options`` override. With temperature 0 every row's tokens equal ``generate()``'s.
+
+    ``thinking`` ("on", "off", "auto"; a request's own ``thinking`` overrides it) is the
+    reasoning mode of a model that has them in which the prompts were rendered
+    (``chat_prompt(..., thinking=mode)``; a text prompt ending as another mode's is refused): a
+    row's result then has its ``reasoning`` apart from its ``text`` (the answer), as the chat
+    session and ``phi3v_mlx.thinking.split_text`` split them, and finishes with "length" if the
+    thought never closed. Without a mode the text is left as generated, markers included. A
+    model without thinking modes refuses the option (``ThinkingError``, a ``ValueError``).
     """
+    default = declared_mode(processor, thinking)
     engine = BatchEngine(model, processor, batch_size=batch_size)
     try:
-        order = {}
+        order, modes, refused = {}, {}, []
         for position, item in enumerate(requests):
             request = as_request(item)
+            try:
+                own = request.thinking
+                mode = default if own is None else declared_mode(processor, own)
+                if mode is not None and isinstance(request.prompt, str):
+                    check_rendered(processor, mode, request.prompt)
+            except ThinkingError as e:
+                refused.append((position, e))
+                continue
             options = SamplingOptions(**{**sampling, **request.options})
-            order[engine.submit(request, options)] = position
+            row = engine.submit(request, options)
+            order[row], modes[row] = position, mode
+        yield from refused
         while engine.pending():
             for event in engine.step():
                 if event.error is not None:
                     kind = RuntimeError if event.fault else ValueError
                     yield order[event.row], kind(event.error)
                 elif event.result is not None:
-                    yield order[event.row], event.result
+                    yield order[event.row], split_result(processor, modes[event.row],
+                                                         event.result)  # fmt: skip
     finally:
         engine.close()
 
@@ -597,18 +622,19 @@ def batch_generate(
     requests: Iterable[RequestLike],
     *,
     batch_size: int = 8,
+    thinking: str | None = None,
     **sampling: Any,
 ) -> list[GenerationResult]:
-    """One :class:`GenerationResult` per request, in order (see :func:`stream_batch_generate`);
-    the first request that cannot be used raises its ``ValueError``.
+    """One :class:`GenerationResult` per request, in order (see :func:`stream_batch_generate`,
+    also for ``thinking``); the first request that cannot be used raises its ``ValueError``.
 
     A request is a prompt string, a :class:`Request`, or a dict such as ``{"prompt": ...,
-    "images": [...], "num_crops": 4, "max_tokens": 64}``.
+    "images": [...], "num_crops": 4, "max_tokens": 64, "thinking": "on"}``.
     """
     requests = list(requests)
     results: list[GenerationResult | None] = [None] * len(requests)
     for index, result in stream_batch_generate(
-        model, processor, requests, batch_size=batch_size, **sampling
+        model, processor, requests, batch_size=batch_size, thinking=thinking, **sampling
     ):
         if isinstance(result, Exception):
             raise type(result)(f"request {index + 1}: {result}")

@@ -17,6 +17,7 @@ from .batch import BatchEngine, Request, RowEvent
 from .generate import GenerationResult, SamplingOptions, chat_prompt
 from .models.base import DecoderModel
 from .processor import Processor
+from .thinking import split_result, thinking_mode
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif"}
@@ -141,13 +142,19 @@ def answered_ids(output: Path) -> set[str]:
     return done
 
 
-def output_row(item: Item, result: GenerationResult | None, error: str | None) -> dict[str, Any]:
+def output_row(
+    item: Item, result: GenerationResult | None, error: str | None, reasoning: bool = False
+) -> dict[str, Any]:
+    """An input's line of the output: its result (with its ``reasoning`` beside the ``text``
+    when ``reasoning``: a model with thinking modes), or its error."""
     row: dict[str, Any] = {"id": item.id, "images": item.images, "prompt": item.prompt}
     if item.audios:
         row["audios"] = item.audios
     if error is not None:
         row["error"] = error
         return row
+    if reasoning:
+        row["reasoning"] = result.reasoning
     row.update(
         text=result.text,
         finish_reason=result.finish_reason,
@@ -239,11 +246,14 @@ def run(
     num_crops: int | None,
     overwrite: bool,
     report: Callable[[Tally], None] | None = None,
+    thinking: str | None = None,
 ) -> Tally | None:
     """Answer every item not yet in ``output`` (all of them with ``overwrite``), appending rows as
     they finish; under ``mlx.launch`` the ranks share the items and rank 0 writes. Returns what
     was written (None on the other ranks). ``model_loader(first)`` loads the model, ``first``
-    telling whether this is rank 0 (which alone speaks)."""
+    telling whether this is rank 0 (which alone speaks). A model with thinking modes answers in
+    mode ``thinking`` ("on", "off", "auto"; None is "auto"), each row's ``reasoning`` apart from
+    its ``text``; a model without them refuses the option."""
     ranks = Ranks()
     first = ranks.rank == 0
     if first and overwrite and output.exists():
@@ -256,20 +266,25 @@ def run(
     mine = todo[ranks.rank :: ranks.size]
     tally = Tally(total=len(todo))
     model, processor = model_loader(first)
+    mode = thinking_mode(processor, thinking)
     engine = BatchEngine(model, processor, batch_size=batch_size)
     by_row: dict[int, Item] = {}
     try:
         for item in mine:
             settings = SamplingOptions(**{**vars(options), "seed": row_seed(options.seed, item)})
             prompt = chat_prompt(processor, item.prompt, len(item.images), system,
-                                 audios=len(item.audios))  # fmt: skip
+                                 audios=len(item.audios), thinking=mode)  # fmt: skip
             request = Request(prompt, item.files, num_crops, audios=item.audio_files)
             by_row[engine.submit(request, settings)] = item
         sink = output.open("a", encoding="utf-8") if first else None
         try:
             while True:
                 events = engine.step() if engine.pending() else []
-                rows = [output_row(by_row[e.row], e.result, e.error) for e in events if _ended(e)]
+                rows = [
+                    output_row(by_row[e.row], e.result and split_result(processor, mode, e.result),
+                               e.error, reasoning=mode is not None)
+                    for e in events if _ended(e)
+                ]  # fmt: skip
                 lines = [json.dumps(row, ensure_ascii=False) for row in rows]
                 lines, pending = ranks.exchange(lines, engine.pending())
                 if sink is not None:

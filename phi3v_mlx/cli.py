@@ -111,6 +111,14 @@ ThinkingOption = Annotated[
         "default). The reasoning goes to stderr, dimmed in a terminal.",
     ),
 ]
+BatchThinkingOption = Annotated[
+    str | None,
+    typer.Option(
+        "--thinking",
+        help="Reasoning mode of a model that has them: on, off or auto (the model chooses; the "
+        "default). Each row's reasoning goes in its reasoning key, the answer in text.",
+    ),
+]
 AdapterOption = Annotated[
     Path | None, typer.Option("--adapter-path", help="A fine-tuned adapter (phi3v lora).")
 ]
@@ -500,8 +508,12 @@ def batch(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start over instead of resuming.")
     ] = False,
+    thinking: BatchThinkingOption = None,
 ) -> None:
-    """Answer one question about many images, resumably, into a JSONL file."""
+    """Answer one question about many images, resumably, into a JSONL file.
+
+    A model with thinking modes writes each answer's reasoning apart (--thinking).
+    """
     from .batch_run import collect_inputs, run
 
     options = _options(max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed)
@@ -515,6 +527,7 @@ def batch(
 
     def load(first: bool) -> tuple[DecoderModel, Processor]:
         path, processor = _processor(model, dtype, num_crops, quiet=not first)
+        thinking_mode(processor, thinking)
         return _weights(path, dtype, adapter_path), processor
 
     with _bars() as bar:
@@ -527,7 +540,7 @@ def batch(
         try:
             tally = run(
                 load, items, output, system=system, batch_size=batch_size, options=options,
-                num_crops=num_crops, overwrite=overwrite, report=report,
+                num_crops=num_crops, overwrite=overwrite, report=report, thinking=thinking,
             )  # fmt: skip
         except KeyboardInterrupt:
             typer.echo(f"(stopped; the rows written are kept in {output}: the same command "

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .generate import GenerationChunk
+    from .generate import GenerationChunk, GenerationResult
 
 DEFAULT_MODE = "auto"  # the model's template as it stands: the model chooses whether to think
 
@@ -37,6 +37,22 @@ def thinking_mode(processor: Any, thinking: str | None) -> str | None:
     if not isinstance(thinking, str) or thinking not in modes:
         raise ThinkingError(f"thinking must be one of {', '.join(modes)}; got {thinking!r}")
     return thinking
+
+
+def declared_mode(processor: Any, thinking: str | None) -> str | None:
+    """The reasoning mode a prompt built beforehand was rendered in: ``thinking`` checked as by
+    :func:`thinking_mode`, or None when it is not given (the text is then left as generated)."""
+    return None if thinking is None else thinking_mode(processor, thinking)
+
+
+def check_rendered(processor: Any, mode: str, prompt: str) -> None:
+    """Refuse a chat-formatted ``prompt`` whose generation prompt ends as another reasoning
+    mode's than ``mode`` (each mode's addition is in ``processor.thinking_modes``)."""
+    modes = processor.thinking_modes
+    ends = [m for m, suffix in modes.items() if suffix and prompt.endswith(suffix)]
+    found = ends[0] if ends else next((m for m, suffix in modes.items() if not suffix), mode)
+    if found != mode:
+        raise ThinkingError(f"the prompt is rendered in thinking mode {found!r}, not {mode!r}")
 
 
 def template_options(mode: str | None) -> dict[str, str]:
@@ -85,6 +101,16 @@ def split_text(processor: Any, mode: str | None, text: str) -> tuple[str, str, s
     reasoning, answer = split.feed(text)
     more_reasoning, more_answer, finish = split.finish(None)
     return reasoning + more_reasoning, answer + more_answer, finish
+
+
+def split_result(processor: Any, mode: str | None, result: GenerationResult) -> GenerationResult:
+    """``result`` with its text split into ``reasoning`` and ``text`` (the answer), as
+    :func:`split_text` splits it; unchanged for ``mode`` None."""
+    if mode is None:
+        return result
+    reasoning, answer, finish = split_text(processor, mode, result.text)
+    return replace(result, text=answer, reasoning=reasoning,
+                   finish_reason=finish or result.finish_reason)  # fmt: skip
 
 
 def split_chunks(
