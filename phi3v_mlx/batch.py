@@ -162,6 +162,8 @@ class _Row:
     audio: Any = None  # the row's recordings (RowAudio), if any
     peak: PeakMemory | None = None
     ids: list[int] = field(default_factory=list)  # the prompt, image slots negative
+    images: list[Any] = field(default_factory=list)  # decoded, until encoded
+    missing: list[int] = field(default_factory=list)  # media the feature store lacks
     features: list[mx.array | None] = field(default_factory=list)
     embeddings: mx.array | None = None  # positions prefix.. of the prompt
     reading: Iterator[int] | None = None
@@ -200,12 +202,13 @@ class FeatureStore(Protocol):
 class BatchEngine:
     """The one place where concurrent generations are decoded together.
 
-    ``submit`` queues a request; each ``step`` admits waiting requests into free rows (their
-    images go through CLIP together, only real crops), reads prompts into their caches and runs
-    one decoding step of every row, returning what happened to each row. With ``interleave``, a
-    step reads at most one prompt chunk before decoding (what a server wants: answers in flight
-    keep flowing); without it every admitted prompt is read first (throughput). ``features``
-    keeps image features between requests.
+    ``submit`` queues a request; each ``step`` admits waiting requests into free rows, runs the
+    encoders on their media (the images of all admitted rows through the vision tower together,
+    only real crops), reads prompts into their caches and runs one decoding step of every row,
+    returning what happened to each row. With ``interleave``, a step does one piece of prompt
+    work before decoding, one row's encoder run or one prompt chunk (what a server wants:
+    answers in flight keep flowing); without it every admitted prompt is read first
+    (throughput). ``features`` keeps image features between requests.
     """
 
     def __init__(
@@ -233,6 +236,7 @@ class BatchEngine:
         )
         self._count = itertools.count()
         self._waiting: deque[_Row] = deque()
+        self._encoding: deque[_Row] = deque()  # admitted, media not yet encoded
         self._reading: deque[_Row] = deque()
         self._decoding: dict[int, _Row] = {}  # by BatchGenerator uid
         self._wired = wired_limit([generation_stream])
@@ -263,7 +267,7 @@ class BatchEngine:
 
     def cancel(self, index: int) -> bool:
         """Drop a row wherever it is; False if it is not in the engine (anymore)."""
-        for queue in (self._waiting, self._reading):
+        for queue in (self._waiting, self._encoding, self._reading):
             for row in queue:
                 if row.index == index:
                     queue.remove(row)
@@ -279,7 +283,7 @@ class BatchEngine:
 
     def pending(self) -> int:
         """Rows submitted and not yet ended."""
-        return len(self._waiting) + len(self._reading) + len(self._decoding)
+        return len(self._waiting) + self._rows_in_use()
 
     def step(self) -> list[RowEvent]:
         """Admit, read prompts, decode one token of every decoding row."""
@@ -287,10 +291,14 @@ class BatchEngine:
         with mx.stream(generation_stream):
             started = time.perf_counter()
             self._admit(events)
-            while self._reading:
-                self._read(self._reading[0], events)
-                if self.interleave:
-                    break
+            if self.interleave:  # one encoder run or one prompt chunk, then decode
+                encoded = False if self._reading else self._encode(events, first_only=True)
+                if self._reading and not encoded:
+                    self._read(self._reading[0], events)
+            else:
+                self._encode(events, first_only=False)
+                while self._reading:
+                    self._read(self._reading[0], events)
             decoding = time.perf_counter()
             self.stats.prompt_seconds += decoding - started
             if self._decoding:
@@ -300,9 +308,10 @@ class BatchEngine:
 
     def close(self) -> None:
         """Drop every row and give the wired limit back."""
-        for row in [*self._waiting, *self._reading, *self._decoding.values()]:
+        for row in [*self._waiting, *self._encoding, *self._reading, *self._decoding.values()]:
             self._release(row)
         self._waiting.clear()
+        self._encoding.clear()
         self._reading.clear()
         self._decoding.clear()
         self._generator.close()
@@ -315,29 +324,41 @@ class BatchEngine:
             row.peak.close()
 
     def _admit(self, events: list[RowEvent]) -> None:
-        """Move waiting requests into the free rows: their ids, their caches, and one vision
-        run for the images they need that the feature store does not have."""
-        admitted, crops, sizes = [], [], []
-        while self._waiting and len(self._reading) + len(self._decoding) + len(admitted) < (
-            self.batch_size
-        ):
+        """Move waiting requests into the free rows: their prompt ids, their caches, their
+        decoded media and which of them the feature store lacks (no encoder runs here)."""
+        while self._waiting and self._rows_in_use() < self.batch_size:
             row = self._waiting.popleft()
             row.peak = PeakMemory()
             try:
-                images = self._prepare(row)
-                missing = self._fill_known_features(row, images)
-                missing = self._fill_audio(row, missing, len(images))
+                row.images = self._prepare(row)
+                row.missing = self._fill_known_features(row, row.images)
+            except Exception as e:
+                self._fail(row, e, events)
+                continue
+            self._encoding.append(row)
+
+    def _encode(self, events: list[RowEvent], first_only: bool) -> bool:
+        """Encode the admitted rows' missing media (their images in one vision run), merge
+        their prompts and start reading them; with ``first_only``, stop after the first row
+        that needs an encoder. Whether an encoder ran."""
+        encoded_rows, crops, sizes = [], [], []
+        while self._encoding:
+            row = self._encoding.popleft()
+            try:
+                missing = self._fill_audio(row, row.missing, len(row.images))
                 if missing:
-                    pixels = self.processor.preprocess([images[k] for k in missing],
+                    pixels = self.processor.preprocess([row.images[k] for k in missing],
                                                        row.request.num_crops)  # fmt: skip
                     crops.append(pixels.pixel_values)
                     sizes.extend(pixels.image_sizes)
             except Exception as e:
                 self._fail(row, e, events)
                 continue
-            admitted.append((row, missing))
+            encoded_rows.append((row, missing))
+            if first_only and row.missing:
+                break
         encoded = iter(self.model.encode_images(np.concatenate(crops), sizes) if sizes else [])
-        for row, missing in admitted:
+        for row, missing in encoded_rows:
             for k in missing:
                 row.features[k] = next(encoded)
                 if self.features is not None and row.image_keys:
@@ -351,10 +372,15 @@ class BatchEngine:
                 self._fail(row, e, events)
                 continue
             finally:
-                row.features = []
+                row.features, row.images = [], []
             row.answer = AnswerText(self.processor)
             row.stops = StopStrings(row.request.stop)
             self._reading.append(row)
+        return any(row.missing for row, _ in encoded_rows)
+
+    def _rows_in_use(self) -> int:
+        """Rows admitted and not yet ended."""
+        return len(self._encoding) + len(self._reading) + len(self._decoding)
 
     def _fail(self, row: _Row, error: Exception, events: list[RowEvent]) -> None:
         """End a row whose own work raised: a ValueError is the request's, anything else a

@@ -371,3 +371,36 @@ def _drain(engine):
     while engine.pending():
         events += engine.step()
     return events
+
+
+def test_interleaved_engine_keeps_decoding_while_image_prompts_arrive(monkeypatch):
+    """With ``interleave`` a step does one piece of prompt work (one row's vision run or one
+    prompt chunk): a running answer gets a token at every step while three image prompts
+    arrive, and every answer is generate()'s."""
+    model, processor = load_variant("tiny-phi35v")
+    runs = count_vision_runs(model, monkeypatch)
+    talk = "<|user|>\nTell me a long story<|end|>\n<|assistant|>\n"
+    look = "<|user|>\n<|image_1|>\nWhat is here?<|end|>\n<|assistant|>\n"
+    pictures = [open_image(name) for name in ("b_small", "c_wide", "d_tall")]
+    options = SamplingOptions(max_tokens=24, prefill_step_size=64)
+    engine = phi3v_mlx.BatchEngine(model, processor, batch_size=4, interleave=True)
+    running = engine.submit(talk, options)
+    while not engine.step():  # until the running row shows its first token
+        pass
+    rows = [engine.submit({"prompt": look, "images": [p], "num_crops": 2}, options)
+            for p in pictures]  # fmt: skip
+    ended, steps_without_a_token = {}, 0
+    while engine.pending():
+        before = len(runs)
+        events = engine.step()
+        assert len(runs) - before <= 1
+        if running not in ended:
+            steps_without_a_token += not any(e.row == running for e in events)
+        ended.update({e.row: e.result for e in events if e.result is not None})
+    engine.close()
+    assert steps_without_a_token == 0 and len(runs) == 3
+    assert ended[running].tokens == _solo(model, processor, [talk], max_tokens=24)[0].tokens
+    for row, picture in zip(rows, pictures, strict=True):
+        want = phi3v_mlx.generate(model, processor, look, [picture], 2, max_tokens=24,
+                                  prefill_step_size=64)  # fmt: skip
+        assert ended[row].tokens == want.tokens
