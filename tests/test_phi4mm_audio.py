@@ -148,9 +148,9 @@ def bad_inputs(tmp_path: Path) -> dict:
     (tmp_path / "notes.mp3").write_text("not audio at all\n" * 20)
     return {
         "empty file": (tmp_path / "empty.wav", {}, "empty"),
-        "corrupt file": (tmp_path / "notes.mp3", {}, "cannot be read"),
-        "corrupt bytes": (b"RIFF\x00\x00garbage" * 10, {}, "cannot be read"),
-        "missing file": (tmp_path / "absent.wav", {}, "no such file"),
+        "corrupt file": (tmp_path / "notes.mp3", {}, "cannot decode audio file"),
+        "corrupt bytes": (b"RIFF\x00\x00garbage" * 10, {}, "cannot decode"),
+        "missing file": (tmp_path / "absent.wav", {}, "no such audio file"),
         "folder": (tmp_path, {}, "folder"),
         "too short": ((np.zeros(399, np.float32), 16000), {}, "shorter than one 25 ms"),
         "too short at 8 kHz": ((np.zeros(199, np.float32), 8000), {}, "shorter than one 25 ms"),

@@ -163,8 +163,8 @@ def test_cli_bad_audio_is_one_line(checkpoint, tmp_path):
     junk = tmp_path / "junk.mp3"
     junk.write_bytes(b"not audio at all" * 10)
     base = ["--model", str(checkpoint), "-p", "x"]
-    for path, message in ((empty, "is an empty file"), (junk, "cannot be read"),
-                          (tmp_path / "none.wav", "no such file")):  # fmt: skip
+    for path, message in ((empty, "is an empty file"), (junk, "cannot decode audio file"),
+                          (tmp_path / "none.wav", "no such audio file")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             cli.app(["generate", *base, "--audio", str(path)], standalone_mode=False)
     with pytest.raises(ValueError, match="unknown speech language"):
@@ -302,7 +302,7 @@ def test_server_refusals_are_4xx_in_the_openai_shape(server, tmp_path):
         reply = httpx.post(url, data=data, files=files, timeout=60)
         assert reply.status_code == status and words in reply.json()["error"]["message"]
     reply = httpx.post(url, data={"model": "tiny"}, files={"file": ("a.mp3", b"junk" * 50)})
-    assert reply.status_code == 400 and "cannot be read" in reply.json()["error"]["message"]
+    assert reply.status_code == 400 and "cannot decode" in reply.json()["error"]["message"]
     reply = httpx.post(url, data={"model": "tiny"})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "file"
     bad = {"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}

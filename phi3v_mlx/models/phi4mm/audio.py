@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
+import re
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from math import gcd
 from pathlib import Path
 from typing import Any
@@ -12,7 +19,10 @@ import numpy as np
 SAMPLE_RATE = 16_000
 MIN_SAMPLES = 400  # one 25 ms analysis window at 16 kHz
 DEFAULT_MAX_SECONDS = 1800.0  # half an hour: 22,500 audio tokens
-CONVERT_HINT = "convert it first, e.g. `ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav`"
+CONVERT_HINT = "convert others with e.g. ffmpeg -i in.m4a out.wav"
+# What libmpg123 (libsndfile's MP3 decoder) prints on stderr about a damaged stream.
+DECODER_NOISE = re.compile(rb"^(?:Note|Warning|Error): |^\[[^\]]*libmpg123[^\]]*\]")
+_stderr_lock = threading.Lock()
 
 AudioInput = str | Path | bytes | bytearray | np.ndarray | tuple[Any, int]
 
@@ -113,6 +123,44 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
     return samples.astype(np.float32).mean(axis=axis, dtype=np.float64).astype(np.float32)
 
 
+@contextmanager
+def decoder_noise_dropped() -> Iterator[None]:
+    """Inside the block, what the C decoders print on file descriptor 2 about damaged data
+    (libmpg123's notes) is dropped; whatever else is written there meanwhile (other threads'
+    logs) follows once the block ends. fd 2 is the process's: one block runs at a time."""
+    with _stderr_lock:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):  # no stderr to protect
+            yield
+            return
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                try:
+                    sys.stderr.flush()
+                except (OSError, ValueError, AttributeError):
+                    pass
+                os.dup2(saved, 2)
+                os.close(saved)
+                sink.seek(0)
+                kept = [line for line in sink.read().splitlines(keepends=True)
+                        if not DECODER_NOISE.match(line)]  # fmt: skip
+                if kept:
+                    os.write(2, b"".join(kept))
+
+
+def _decode_failure(error: Exception) -> str:
+    """What libsndfile says of data it cannot decode, for a message."""
+    reason = str(getattr(error, "error_string", "") or error).strip().rstrip(".")
+    if reason.startswith("File does not exist"):  # said of undecodable MP3 data
+        return "corrupt or unsupported data"
+    return (reason[:1].lower() + reason[1:]) or type(error).__name__
+
+
 def _read(
     source: str | Path | bytes | bytearray, name: str, max_seconds: float | None
 ) -> tuple[np.ndarray, int]:
@@ -121,26 +169,27 @@ def _read(
         if path.is_dir():
             raise AudioError(f"{name} is a folder, not an audio file")
         if not path.is_file():
-            raise AudioError(f"{name}: no such file")
+            raise AudioError(f"no such audio file: {path}")
         if path.stat().st_size == 0:
             raise AudioError(f"{name} is an empty file")
         data: Any = path
+        what = f"audio file {path}"
     else:
         if len(source) == 0:
             raise AudioError(f"{name} is empty")
         data = io.BytesIO(bytes(source))
+        what = name
     soundfile = _soundfile(name)
     try:
-        with soundfile.SoundFile(data) as handle:
+        with decoder_noise_dropped(), soundfile.SoundFile(data) as handle:
             rate, frames = handle.samplerate, handle.frames
             if frames > 0:  # streams of unknown length report 0 and are checked once decoded
                 _check_length(frames, rate, name, max_seconds)
             samples = handle.read(dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
-        reason = str(e).split(": ", 1)[-1].strip() or type(e).__name__
         raise AudioError(
-            f"{name} cannot be read ({reason}): the formats read are {readable_formats()}; "
-            f"{CONVERT_HINT}"
+            f"cannot decode {what}: {_decode_failure(e)} (read: {readable_formats()}; "
+            f"{CONVERT_HINT})"
         ) from None
     return to_mono(samples) if samples.shape[1] > 1 else samples[:, 0], rate
 
