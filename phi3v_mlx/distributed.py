@@ -10,10 +10,12 @@ stay whole on every rank. Key-value heads are split when N divides their number 
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
@@ -174,14 +176,27 @@ def _check_quantized_input(module: nn.Module, n: int, where: str) -> None:
 
 def broadcast_text(text: str | None, group: mx.distributed.Group) -> str | None:
     """Rank 0's ``text`` (or None) on every rank."""
+    data = broadcast_bytes(None if text is None else text.encode("utf-8"), group)
+    return None if data is None else data.decode("utf-8")
+
+
+def broadcast_object(value: Any, group: mx.distributed.Group) -> Any:
+    """Rank 0's ``value`` (anything pickle takes; None too) on every rank."""
+    data = pickle.dumps(value) if group.rank() == 0 else None
+    return pickle.loads(broadcast_bytes(data, group))
+
+
+def broadcast_bytes(data: bytes | None, group: mx.distributed.Group) -> bytes | None:
+    """Rank 0's ``data`` (or None) on every rank: its length, then its bytes, summed with
+    zeros from the others."""
     first = group.rank() == 0
-    data = text.encode("utf-8") if first and text is not None else b""
-    length = len(data) if first and text is not None else (-1 if first else 0)
+    length = (-1 if data is None else len(data)) if first else 0
     length = int(_sum([length], group)[0])
-    if length < 0:
-        return None
-    values = list(data) if first else [0] * length
-    return bytes(_sum(values, group)).decode("utf-8") if length else ""
+    if length <= 0:
+        return None if length < 0 else b""
+    values = np.frombuffer(data, dtype=np.uint8) if first else np.zeros(length, dtype=np.uint8)
+    summed = mx.distributed.all_sum(mx.array(values), group=group, stream=mx.cpu)
+    return np.array(summed).tobytes()
 
 
 def _sum(values: list[int], group: mx.distributed.Group) -> list[int]:

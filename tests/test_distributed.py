@@ -2,8 +2,11 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +19,8 @@ from phi3v_mlx.convert import convert
 from phi3v_mlx.distributed import ShardError, shard_decoder
 from phi3v_mlx.loader import LoadError
 from phi3v_mlx.models.phi3 import TextConfig
-from tests.conftest import TEXT
+from tests.conftest import IMAGES, MODELS, TEXT
+from tests.test_server import _free_port, client, data_url, image_message, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_MODELS = TEXT / "models"
@@ -75,6 +79,62 @@ def test_generate_and_chat_under_mlx_launch_print_once_what_one_process_prints()
     assert alone.exit_code == 0, alone.output
     split = launch("-m", "phi3v_mlx", "chat", *common, stdin=lines)
     assert split.stdout == alone.stdout and len(alone.stdout.splitlines()) == 2
+
+
+def test_serve_under_mlx_launch_answers_as_one_process():
+    """Rank 0 listens, rank 1 replays its engine: concurrent answers (an image streamed, a
+    text, an unseeded sampled one) are one process's, a follow-up on the sampled answer reuses
+    a cache both ranks filled alike, and an interrupt stops every rank."""
+    port = _free_port()
+    command = [str(LAUNCHER), "--backend", "ring", "-n", "2", "--", sys.executable, "-m",
+               "phi3v_mlx", "serve", "--model", str(MODELS / "tiny-phi35v"), "--port", str(port),
+               "--dtype", "float32"]  # fmt: skip
+    ranks = subprocess.Popen(command, cwd=str(ROOT), start_new_session=True, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert ranks.poll() is None and time.time() < deadline, "the ranks did not serve"
+            try:
+                client(base).models.list()
+                break
+            except Exception:
+                time.sleep(0.5)
+        api = client(base)
+        picture = [image_message(data_url("b_small"))]
+        long = "Say something long about the sea, the sky and the hills. " * 4
+        text = [{"role": "user", "content": long}]  # past the store's shortest reuse
+
+        def ask(messages, **options):
+            return api.chat.completions.create(model="tiny", messages=messages, **options)
+
+        def streamed(messages):
+            chunks = ask(messages, max_tokens=8, temperature=0, stream=True,
+                         extra_body={"num_crops": 4})  # fmt: skip
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        with ThreadPoolExecutor(3) as pool:
+            seen = pool.submit(streamed, picture)
+            said = pool.submit(ask, text, max_tokens=10, temperature=0)
+            drawn = pool.submit(ask, text, max_tokens=6, temperature=1.0)
+            seen, said, drawn = seen.result(), said.result(), drawn.result()
+        assert seen == reference(picture, [IMAGES / "b_small.png"], 8).text
+        assert said.choices[0].message.content == reference(text, [], 10).text
+        answer = drawn.choices[0].message.content
+        follow_up = [*text, {"role": "assistant", "content": answer},
+                     {"role": "user", "content": "And then?"}]  # fmt: skip
+        again = ask(follow_up, max_tokens=8, temperature=0)
+        assert again.usage.prompt_tokens_details.cached_tokens > 0
+        assert again.choices[0].message.content == reference(follow_up, [], 8).text
+    finally:
+        os.killpg(ranks.pid, signal.SIGINT)
+        try:
+            ranks.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(ranks.pid, signal.SIGKILL)
+            raise AssertionError("the ranks did not stop on an interrupt") from None
 
 
 class Group:

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -24,7 +25,7 @@ from ..keys import image_digest, position_keys
 from ..models.base import DecoderModel
 from ..processor import Processor
 from ..thinking import ReasoningSplit, template_options
-from .engine import EngineThread, Job
+from .engine import EngineThread, Job, follow
 from .media import ImageReader
 from .middleware import Guard, RequestLog
 from .schema import conversation, field, request_body, sampling_options, thinking_option
@@ -42,9 +43,15 @@ PAGE_HEADERS = {
 }
 
 
-def create_app(model: DecoderModel, processor: Processor, settings: ServerSettings) -> FastAPI:
-    """The FastAPI application, with its engine thread started on startup."""
-    engine = EngineThread(model, processor, settings)
+def create_app(
+    model: DecoderModel,
+    processor: Processor,
+    settings: ServerSettings,
+    group: mx.distributed.Group | None = None,
+) -> FastAPI:
+    """The FastAPI application, with its engine thread started on startup; ``group``: the ranks
+    the model is split across, this process their first (the others run :func:`follow`)."""
+    engine = EngineThread(model, processor, settings, group)
     images = ImageReader(settings)
 
     @asynccontextmanager
@@ -321,10 +328,15 @@ def serve(
     settings: ServerSettings,
     host: str = "127.0.0.1",
     port: int = 8080,
+    group: mx.distributed.Group | None = None,
 ) -> None:
-    """Run the server until interrupted."""
+    """Run the server until interrupted; with the model split across the ranks of ``group``,
+    rank 0 listens and the others follow its engine."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    app = create_app(model, processor, settings)
+    if group is not None and group.rank() != 0:
+        follow(model, processor, settings, group)
+        return
+    app = create_app(model, processor, settings, group)
     uvicorn.run(app, host=host, port=port, log_level="warning")
