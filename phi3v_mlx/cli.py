@@ -667,8 +667,6 @@ def serve(
     from .server import ServerSettings, model_id
     from .server import serve as run
 
-    if launch_group() is not None:
-        raise ValueError("phi3v serve runs in one process: under mlx.launch use generate or chat")
     if media_dir is not None and not media_dir.is_dir():
         raise ValueError(f"--media-dir {media_dir} is not a folder")
     if batch_size < 1 or queue_size < 0 or max_images < 0 or max_tokens < 1:
@@ -684,10 +682,12 @@ def serve(
         batch_size=batch_size, queue_size=queue_size, prompt_cache_gb=prompt_cache_gb,
         max_audio_seconds=max_audio_seconds, max_audio_in_flight=max_audio_in_flight,
     )  # fmt: skip
-    path, processor = _processor(model, dtype, None)
-    loaded_model = _weights(path, dtype, adapter_path)
-    typer.echo(f"Serving {model} on http://{host}:{port} (OpenAI API at /v1)", err=True)
-    run(loaded_model, processor, settings, host=host, port=port)
+    group, first = _ranks()
+    path, processor = _processor(model, dtype, None, quiet=not first)
+    loaded_model = _weights(path, dtype, adapter_path, group)
+    if first:
+        typer.echo(f"Serving {model} on http://{host}:{port} (OpenAI API at /v1)", err=True)
+    run(loaded_model, processor, settings, host=host, port=port, group=group)
 
 
 @app.command()
