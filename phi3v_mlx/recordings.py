@@ -63,13 +63,10 @@ def audio_tokens(processor: Any, waves: Sequence[np.ndarray]) -> list[int]:
 
 
 def media_adapter(model: DecoderModel, images: bool, audios: bool) -> str | None:
-    """The adapter a sequence with these media runs (``model.adapter_key``; None for a model
+    """The adapter a sequence with these media runs (``model.adapter_key``: None for a model
     without modality adapters)."""
-    pick = getattr(model, "adapter_key", None)
-    if pick is None:
-        return None
-    return pick({"pixel_values": True if images else None,
-                 "audio_features": True if audios else None})  # fmt: skip
+    return model.adapter_key({"pixel_values": True if images else None,
+                              "audio_features": True if audios else None})  # fmt: skip
 
 
 def encode_waves(
