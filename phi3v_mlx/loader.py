@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,8 @@ def load_model(
     progress: Callable[[int, int], None] | None = None,
     group: mx.distributed.Group | None = None,
     adapter_path: str | Path | None = None,
+    allow_merged_adapters: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> DecoderModel:
     """The model of a local checkpoint folder, its weights cast to ``dtype`` if given, with the
     adapter saved in ``adapter_path`` on it if given.
@@ -170,14 +173,23 @@ def load_model(
     Unless ``lazy``, the weights are read now, one tensor at a time; ``progress(done, total)``
     hears of each in bytes. With a ``group`` of several ranks, the model is split across them
     first (:func:`phi3v_mlx.distributed.shard_model`): each rank keeps only its part.
+    ``allow_merged_adapters`` loads a checkpoint whose modality adapters are merged into the
+    decoder (mlx-vlm's Phi-4-multimodal), refused otherwise; ``log`` (stderr by default)
+    receives the one line on what then differs from the reference.
     """
     config, weights = read_checkpoint(path)
-    model = architecture(config.model_type).Model(config)
+    module = architecture(config.model_type)
+    note = None
+    if allow_merged_adapters and hasattr(module, "allow_merged_adapters"):
+        note = module.allow_merged_adapters(config, weights)
+    model = module.Model(config)
     weights = model.sanitize(weights)
     if config.quantization:
         quantization = module_names(config.quantization, model.internal_name)
         quantize_like_checkpoint(model, quantization, weights)
     check_weights(model, weights, path)
+    if note is not None:
+        (log or _stderr)(note)
     if dtype is not None:
         target = float_dtype(dtype)
         weights = {
@@ -202,6 +214,10 @@ def load_model(
     return model
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def float_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
     """An MLX float dtype from its name ("float32", "float16", "bfloat16") or itself."""
     if isinstance(dtype, mx.Dtype) and dtype in DTYPES.values():
@@ -218,6 +234,7 @@ def load(
     progress: Callable[[int, int], None] | None = None,
     adapter_path: str | Path | None = None,
     group: mx.distributed.Group | None = None,
+    allow_merged_adapters: bool = False,
 ) -> tuple[DecoderModel, Processor]:
     """A model and its processor from a local folder or a Hugging Face Hub id.
 
@@ -230,11 +247,15 @@ def load(
     decoder (the embeddings, the head and the vision tower whole), every rank runs the same
     calls in step, and all get the same logits. Every rank also gets the same global random
     seed, so unseeded sampling agrees.
+
+    ``allow_merged_adapters`` loads mlx-vlm's conversion of Phi-4-multimodal (both modality
+    adapters merged into the decoder), which is refused otherwise; one line on stderr then says
+    what differs from the reference.
     """
     if adapter_path is not None and group is not None and group.size() > 1:
         raise LoadError("a model split across ranks takes no adapter: fuse it first (phi3v fuse)")
     path = resolve(path_or_repo)
-    model = load_model(path, dtype, lazy, progress, group, adapter_path)
+    model = load_model(path, dtype, lazy, progress, group, adapter_path, allow_merged_adapters)
     return model, load_processor(path)
 
 

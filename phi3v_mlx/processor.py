@@ -258,18 +258,25 @@ class Processor:
 def load_tokenizer(path: Path, eos_token_ids: Sequence[int] = ()) -> Any:
     """mlx-lm's tokenizer wrapper around the checkpoint's ``tokenizer.json``, no remote code."""
     from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
+    from transformers import PretrainedConfig
     from transformers.utils import logging as hf_logging
 
     if not (path / "tokenizer.json").is_file():
         raise ValueError(f"no tokenizer.json in {path}")
+    eos = list(eos_token_ids) or None
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return load_mlx_tokenizer(
-            path,
-            tokenizer_config_extra={"trust_remote_code": False},
-            eos_token_ids=list(eos_token_ids) or None,
-        )
+        try:
+            return load_mlx_tokenizer(
+                path, tokenizer_config_extra={"trust_remote_code": False}, eos_token_ids=eos
+            )
+        except AttributeError:
+            # transformers cannot read this remote-code config.json as a generic config (the
+            # Hub's Phi-4-multimodal: its longrope needs the remote code); the tokenizer files
+            # suffice
+            blank = {"trust_remote_code": False, "config": PretrainedConfig()}
+            return load_mlx_tokenizer(path, tokenizer_config_extra=blank, eos_token_ids=eos)
     finally:
         hf_logging.set_verbosity(level)
 

@@ -203,9 +203,17 @@ class DecoderModel(nn.Module):
         }
 
 
-def module_names(quantization: dict[str, Any], rename: Callable[[str], str]) -> dict[str, Any]:
-    """A ``quantization`` config block with its per-module entries renamed by ``rename``."""
-    return {
-        rename(f"{key}.")[:-1] if isinstance(value, (dict, bool)) else key: value
-        for key, value in quantization.items()
-    }
+def module_names(
+    quantization: dict[str, Any], rename: Callable[[str], str | None]
+) -> dict[str, Any]:
+    """A ``quantization`` config block with its per-module entries renamed by ``rename``; the
+    entries of modules the model does not use (renamed to None) are left out."""
+    out = {}
+    for key, value in quantization.items():
+        if isinstance(value, (dict, bool)):
+            name = rename(f"{key}.")
+            if name is None:
+                continue
+            key = name[:-1]
+        out[key] = value
+    return out

@@ -75,7 +75,10 @@ class ModelConfig(TextConfig):
     """The whole Phi-4-multimodal configuration (native names; a remote-code config is renamed
     on reading). ``audio_config`` is None for a checkpoint without the audio tower;
     ``vision_lora`` / ``speech_lora`` are the adapters named in the config (the native layout
-    keeps them in ``vision-lora/`` and ``speech-lora/`` folders instead)."""
+    keeps them in ``vision-lora/`` and ``speech-lora/`` folders instead). ``merged_adapters``
+    says the decoder's linears hold both adapters merged in, ``image_separators`` whether the
+    checkpoint has the image separators (mlx-vlm's conversion: merged, none; loaded only when
+    asked)."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = (NATIVE_TYPE, REMOTE_TYPE)
 
@@ -87,6 +90,8 @@ class ModelConfig(TextConfig):
     audio_config: AudioConfig | None = None
     vision_lora: AdapterConfig | None = None
     speech_lora: AdapterConfig | None = None
+    merged_adapters: bool = False
+    image_separators: bool = True
 
     def __post_init__(self):
         super().__post_init__()

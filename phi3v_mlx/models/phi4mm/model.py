@@ -24,7 +24,37 @@ from .vision import ImageEmbedding
 
 IMAGE_PREFIX = "model.embed_tokens_extend.image_embed."
 OWN_PREFIXES = ("language.", "image_embed.", "audio_embed.")
-MLX_VLM_PREFIXES = ("language_model.", "vision_tower.", "mm_projector.")
+# mlx-vlm's conversion: its names -> the Hub's (the image tower is left out: without the
+# separators it drops, no image can be read as the reference does).
+MLX_VLM_PREFIXES = ("language_model.", "vision_tower.", "mm_projector.", "audio_encoder.",
+                    "audio_projection.")  # fmt: skip
+MLX_VLM_NAMES = (
+    (re.compile(r"^(?:vision_tower|mm_projector)\..*"), ""),
+    (re.compile(r"^language_model\.(model|lm_head)\."), r"\1."),
+    (re.compile(r"^audio_projection\.(speech|vision)\.proj_(\d)\."),
+     conformer.CHECKPOINT_PREFIX + r"audio_projection.\1.\2."),
+    (re.compile(r"^audio_encoder\."), conformer.CHECKPOINT_PREFIX + "encoder."),
+    (re.compile(r"\.embed\.conv_0\."), ".embed.conv.0."),
+    (re.compile(r"\.embed\.dw_pw_layers\.(\d+)\.(dw|pw)\."),
+     lambda m: f".embed.conv.{3 * int(m[1]) + (2 if m[2] == 'dw' else 3)}."),
+    (re.compile(r"\.net_(\d)\."), r".net.\1."),
+)  # fmt: skip
+MERGED_REFUSAL = (
+    "this is mlx-vlm's conversion of Phi-4-multimodal: it merged the vision and speech adapters "
+    "into the decoder and dropped the image separators (glb_GN, sub_GN), so the reference's "
+    "computation cannot run from it; load it anyway with allow_merged_adapters=True "
+    "(--allow-merged-adapters), or convert the Hub checkpoint instead"
+)
+MERGED_NOTE = (
+    "note: mlx-vlm's conversion of Phi-4-multimodal: its vision and speech adapters are merged "
+    "into the decoder, so text-only and audio prompts run with both merged, unlike the "
+    "reference (no adapter for text, the speech adapter for audio); image prompts are refused "
+    "(it has no image separators glb_GN, sub_GN)"
+)
+NO_IMAGES = (
+    "this checkpoint has no image separators (glb_GN, sub_GN; mlx-vlm's conversion drops them): "
+    "image prompts cannot be computed as the reference does; use the Hub checkpoint for images"
+)
 # Remote-code names of the image embedding -> native names.
 IMAGE_RENAMES = (
     ("glb_GN", "global_img_feature_extensor"),
@@ -82,6 +112,32 @@ def _given(inputs: Mapping[str, Any], key: str) -> bool:
     return inputs.get(key) is not None
 
 
+def mlx_vlm_layout(weights: Mapping[str, Any]) -> bool:
+    """Whether these are the tensors of mlx-vlm's conversion."""
+    return any(name.startswith(MLX_VLM_PREFIXES) for name in weights)
+
+
+def hub_name(name: str) -> str | None:
+    """The Hub's remote-code name of a tensor of mlx-vlm's conversion (None for the image
+    tower's)."""
+    for pattern, replacement in MLX_VLM_NAMES:
+        name = pattern.sub(replacement, name)
+    return name or None
+
+
+def allow_merged_adapters(config: ModelConfig, weights: Mapping[str, Any]) -> str | None:
+    """For mlx-vlm's conversion (both adapters merged into the decoder, no image separators):
+    ``config`` set to load it as it is (adapter folders beside it ignored: their adapters are
+    already merged), and the one-line note on what then differs from the reference; None for
+    any other checkpoint."""
+    if not mlx_vlm_layout(weights):
+        return None
+    config.merged_adapters = True
+    config.vision_lora = config.speech_lora = None
+    config.image_separators = False
+    return MERGED_NOTE
+
+
 class Model(DecoderModel):
     """``model(input_ids=..., pixel_values=..., image_sizes=..., image_attention_mask=...,
     audio_features=..., audio_embed_sizes=..., audio_attention_mask=...)`` returns logits
@@ -95,7 +151,8 @@ class Model(DecoderModel):
         super().__init__()
         self.config = config
         self.language = LanguageModel(config)
-        self.image_embed = ImageEmbedding(config)
+        if config.image_separators:
+            self.image_embed = ImageEmbedding(config)
         if config.audio_config is not None:
             self.audio_embed = AudioEmbedding(config.audio_config, config.hidden_size)
         attach(self.language.layers, self.adapter_configs)
@@ -133,12 +190,16 @@ class Model(DecoderModel):
 
     def adapter_key(self, inputs: Mapping[str, Any]) -> str | None:
         """The adapter a sequence with these media runs, as the reference is driven: vision
-        with images (audio or not), speech with audio alone, none for text."""
+        with images (audio or not), speech with audio alone, none for text (and none with the
+        adapters merged into the decoder)."""
         if _given(inputs, "pixel_values"):
+            self._images()
             key = "vision"
         elif _given(inputs, "audio_features"):
             key = "speech"
         else:
+            return None
+        if self.config.merged_adapters:
             return None
         if key not in self.adapter_configs:
             raise ValueError(
@@ -147,6 +208,11 @@ class Model(DecoderModel):
                 "would not be the model's"
             )
         return key
+
+    def _images(self) -> ImageEmbedding:
+        if "image_embed" not in self:
+            raise ValueError(NO_IMAGES)
+        return self.image_embed
 
     def encode(
         self, inputs: Mapping[str, Any], between_batches: Callable[[], None] | None = None
@@ -159,7 +225,7 @@ class Model(DecoderModel):
             if not _given(inputs, "image_sizes"):
                 raise ValueError("pixel_values given without image_sizes")
             mask = inputs.get("image_attention_mask")
-            features += self.image_embed(
+            features += self._images()(
                 mx.array(inputs["pixel_values"]),
                 np.asarray(inputs["image_sizes"]),
                 None if mask is None else np.asarray(mask),
@@ -201,7 +267,8 @@ class Model(DecoderModel):
         masks = np.concatenate(
             [crop_masks(canvas_mask(*map(int, s), patch), crop, patch) for s in sizes]
         )
-        return self.image_embed.embed_crops(mx.array(pixel_values), grids, masks, between_batches)
+        embed_crops = self._images().embed_crops
+        return embed_crops(mx.array(pixel_values), grids, masks, between_batches)
 
     def embed(self, input_ids: Any, **inputs: Any) -> mx.array:
         """Input embeddings [1, T, hidden] of a prompt (placeholder or slot ids) and its media."""
@@ -245,6 +312,13 @@ class Model(DecoderModel):
         either layout, None for a tensor it does not use."""
         if name.startswith(OWN_PREFIXES):
             return name
+        if self.config.merged_adapters and name.startswith(MLX_VLM_PREFIXES):
+            hub = hub_name(name)
+            return None if hub is None else self.internal_name(hub)
+        if name.startswith(conformer.CHECKPOINT_PREFIX):
+            if "audio_embed" not in self:
+                return None
+            return "audio_embed." + conformer.audio_weight_name(name)
         if name.startswith(IMAGE_PREFIX):
             rest = name[len(IMAGE_PREFIX) :]
             for old, new in IMAGE_RENAMES:
@@ -260,6 +334,8 @@ class Model(DecoderModel):
             if adapted:
                 head, _, tail = adapted.groups()
                 if tail.startswith("lora_"):  # an adapter matrix: an array, not a layer
+                    if self.config.merged_adapters:
+                        return None  # already merged into the decoder
                     rest = head + tail.removesuffix(".weight")
                 else:
                     rest = head + ("base_layer." if self.adapter_configs else "") + tail
@@ -289,14 +365,13 @@ class Model(DecoderModel):
 
     def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
         """Tensors of a checkpoint (native, remote-code or this package's names, adapters from
-        the PEFT folders under remote-code names) under this model's names and layouts; tensors
-        the model never uses are left out."""
-        if any(name.startswith(MLX_VLM_PREFIXES) for name in weights):
-            raise ValueError(
-                "this is mlx-vlm's conversion of Phi-4-multimodal: it merged the vision adapter "
-                "into the decoder and dropped the image separators (glb_GN, sub_GN), so the "
-                "reference's computation cannot run from it; convert the Hub checkpoint instead"
-            )
+        the PEFT folders under remote-code names; mlx-vlm's conversion once its config says so)
+        under this model's names and layouts; tensors the model never uses are left out."""
+        if mlx_vlm_layout(weights):
+            if not self.config.merged_adapters:
+                raise ValueError(MERGED_REFUSAL)
+            renamed = ((hub_name(name), value) for name, value in weights.items())
+            weights = {name: value for name, value in renamed if name is not None}
         out = {}
         if "audio_embed" in self:
             audio = conformer.sanitize(weights)
