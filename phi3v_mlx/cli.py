@@ -122,6 +122,14 @@ BatchThinkingOption = Annotated[
 AdapterOption = Annotated[
     Path | None, typer.Option("--adapter-path", help="A fine-tuned adapter (phi3v lora).")
 ]
+MergedOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-merged-adapters",
+        help="Load mlx-vlm's Phi-4-multimodal conversion: its adapters are merged into the "
+        "decoder, so answers differ from the reference's (and images are refused).",
+    ),
+]
 
 
 def _terminal() -> bool:
@@ -247,15 +255,21 @@ def _ranks() -> tuple[Any, bool]:
 
 
 def _weights(
-    path: Path, dtype: str | None, adapter_path: Path | None = None, group: Any = None
+    path: Path,
+    dtype: str | None,
+    adapter_path: Path | None = None,
+    group: Any = None,
+    allow_merged_adapters: bool = False,
 ) -> DecoderModel:
     """The model's weights (a bar shows them loading), with a fine-tuned adapter on them if
-    given, split across the ranks of ``group`` if given."""
+    given, split across the ranks of ``group`` if given; a checkpoint with merged modality
+    adapters only if allowed (one line on stderr says what then differs)."""
     if group is not None and adapter_path is not None:
         raise ValueError("a model split across ranks takes no --adapter-path: fuse it first")
     with _bars() as bar:
         return load_model(path, dtype, progress=bar("Loading weights"), group=group,
-                          adapter_path=adapter_path)  # fmt: skip
+                          adapter_path=adapter_path, allow_merged_adapters=allow_merged_adapters,
+                          log=lambda line: typer.echo(line, err=True))  # fmt: skip
 
 
 def _show_reasoning(chunks: Iterator[GenerationChunk]) -> Iterator[GenerationChunk]:
@@ -308,6 +322,7 @@ def generate(
     max_kv_size: MaxKvSizeOption = None,
     dtype: DtypeOption = None,
     adapter_path: AdapterOption = None,
+    allow_merged_adapters: MergedOption = False,
     verbose: VerboseOption = False,
     thinking: ThinkingOption = None,
 ) -> None:
@@ -333,7 +348,7 @@ def generate(
     else:
         processor.tokenize(prompt_text, counts)
     media = {"audios": waves} if waves else {}
-    loaded_model = _weights(path, dtype, adapter_path, group)
+    loaded_model = _weights(path, dtype, adapter_path, group, allow_merged_adapters)
     with Interrupt() as interrupt, _bars() as bar:
         chunks = stream_generate(
             loaded_model, processor, prompt_text, images=images or None, num_crops=num_crops,
@@ -376,6 +391,7 @@ def chat(
     max_kv_size: MaxKvSizeOption = None,
     dtype: DtypeOption = None,
     adapter_path: AdapterOption = None,
+    allow_merged_adapters: MergedOption = False,
     verbose: VerboseOption = False,
     thinking: ThinkingOption = None,
 ) -> None:
@@ -392,7 +408,7 @@ def chat(
     group, first = _ranks()
     path, processor = _processor(model, dtype, num_crops, quiet=not first)
     thinking_mode(processor, thinking)
-    loaded_model = _weights(path, dtype, adapter_path, group)
+    loaded_model = _weights(path, dtype, adapter_path, group, allow_merged_adapters)
     session = ChatSession(loaded_model, processor, system=system)
     failed = False
     if interactive:
@@ -505,6 +521,7 @@ def batch(
     num_crops: NumCropsOption = None,
     dtype: DtypeOption = None,
     adapter_path: AdapterOption = None,
+    allow_merged_adapters: MergedOption = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start over instead of resuming.")
     ] = False,
@@ -528,7 +545,7 @@ def batch(
     def load(first: bool) -> tuple[DecoderModel, Processor]:
         path, processor = _processor(model, dtype, num_crops, quiet=not first)
         thinking_mode(processor, thinking)
-        return _weights(path, dtype, adapter_path), processor
+        return _weights(path, dtype, adapter_path, None, allow_merged_adapters), processor
 
     with _bars() as bar:
         show = bar("Answering")
@@ -573,6 +590,7 @@ def transcribe(
     seed: SeedOption = None,
     dtype: DtypeOption = None,
     adapter_path: AdapterOption = None,
+    allow_merged_adapters: MergedOption = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Transcribe (or translate) recordings, each text streamed to stdout as it comes."""
@@ -588,7 +606,7 @@ def transcribe(
     path, processor = _processor(model, dtype, None)
     for i, file in enumerate(files):  # every file checked before the model loads
         load_waves(processor, file, i)
-    loaded_model = _weights(path, dtype, adapter_path)
+    loaded_model = _weights(path, dtype, adapter_path, None, allow_merged_adapters)
     rows = []
     for i, file in enumerate(files):
         wave = load_waves(processor, file, i)[0]  # one recording in memory at a time
@@ -662,6 +680,7 @@ def serve(
     ] = 3600.0,
     dtype: DtypeOption = None,
     adapter_path: AdapterOption = None,
+    allow_merged_adapters: MergedOption = False,
 ) -> None:
     """Serve the OpenAI chat and speech-to-text APIs (and a chat page) on this machine."""
     from .server import ServerSettings, model_id
@@ -684,7 +703,7 @@ def serve(
     )  # fmt: skip
     group, first = _ranks()
     path, processor = _processor(model, dtype, None, quiet=not first)
-    loaded_model = _weights(path, dtype, adapter_path, group)
+    loaded_model = _weights(path, dtype, adapter_path, group, allow_merged_adapters)
     if first:
         typer.echo(f"Serving {model} on http://{host}:{port} (OpenAI API at /v1)", err=True)
     run(loaded_model, processor, settings, host=host, port=port, group=group)
@@ -736,6 +755,7 @@ def lora(
         int, typer.Option("--max-seq-length", help="Longest row, in tokens.")
     ] = 4096,
     dtype: DtypeOption = None,
+    allow_merged_adapters: MergedOption = False,
 ) -> None:
     """Fine-tune an adapter (LoRA, DoRA; QLoRA on a quantized model)."""
     from .adapters import AdapterSettings
@@ -772,7 +792,8 @@ def lora(
                                      for k, v in entry.row().items()), err=True)  # fmt: skip
 
         start, last = fine_tune(
-            lambda: _weights(path, dtype), processor, data, adapter_path, adapter, schedule,
+            lambda: _weights(path, dtype, allow_merged_adapters=allow_merged_adapters),
+            processor, data, adapter_path, adapter, schedule,
             val_data=val_data, resume_adapter_file=resume_adapter_file, num_crops=num_crops,
             max_seq_length=max_seq_length, recorded=recorded,
             encoding=bar("Encoding images"), progress=training, report=report,
