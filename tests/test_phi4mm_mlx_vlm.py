@@ -249,6 +249,23 @@ def test_image_prompts_are_refused_in_one_line(merged):
         model.encode_images(pre.pixel_values, pre.image_sizes)
 
 
+def test_a_batch_of_text_and_audio_equals_each_alone_and_images_are_refused(merged):
+    model, processor = merged
+    requests = [
+        {"prompt": chat_prompt(processor, "Hello"), "max_tokens": 4},
+        {"prompt": chat_prompt(processor, "What is said?", audios=1), "audios": [CLIP],
+         "max_tokens": 4},
+    ]  # fmt: skip
+    results = phi3v_mlx.batch_generate(model, processor, requests)
+    for request, result in zip(requests, results, strict=True):
+        alone = phi3v_mlx.generate(model, processor, request["prompt"], max_tokens=4,
+                                   audios=request.get("audios"))  # fmt: skip
+        assert result.tokens == alone.tokens
+    image = {"prompt": chat_prompt(processor, "What is it?", images=1), "images": [IMAGE]}
+    with pytest.raises(ValueError, match="request 2: this checkpoint has no image separators"):
+        phi3v_mlx.batch_generate(model, processor, [requests[0], image])
+
+
 def test_the_cli_refuses_then_loads_with_the_flag(merged, converted, capfd, monkeypatch):
     model, processor = merged
     base = ["generate", "--model", str(converted), "--dtype", "float32", "-p", "Hello",
