@@ -1,6 +1,11 @@
 """Test helpers: scripted model outputs and a small model with head_dim 64."""
 
 import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -102,3 +107,34 @@ def check_logit_summaries(logits, out, tol) -> None:
     lse = np.log(np.exp(logits - peak).sum(-1)) + peak[:, 0]
     np.testing.assert_allclose(lse, out["logsumexp"], **tol)
     np.testing.assert_array_equal(logits.argmax(-1), out["argmax"])
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def serving(model, processor, **settings) -> Iterator[str]:
+    """``phi3v serve``'s app for ``model`` on a free loopback port in this process (its
+    ``ServerSettings`` from ``settings``), stopped after the block; yields its base URL."""
+    import uvicorn
+
+    from phi3v_mlx.server import ServerSettings, create_app
+
+    app = create_app(model, processor, ServerSettings(model_name="tiny", **settings))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -20,7 +20,8 @@ from phi3v_mlx.distributed import ShardError, shard_decoder
 from phi3v_mlx.loader import LoadError
 from phi3v_mlx.models.phi3 import TextConfig
 from tests.conftest import IMAGES, MODELS, TEXT
-from tests.test_server import _free_port, client, data_url, image_message, reference
+from tests.helpers import free_port
+from tests.test_server import client, data_url, image_message, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_MODELS = TEXT / "models"
@@ -85,7 +86,7 @@ def test_serve_under_mlx_launch_answers_as_one_process():
     """Rank 0 listens, rank 1 replays its engine: concurrent answers (an image streamed, a
     text, an unseeded sampled one) are one process's, a follow-up on the sampled answer reuses
     a cache both ranks filled alike, and an interrupt stops every rank."""
-    port = _free_port()
+    port = free_port()
     command = [str(LAUNCHER), "--backend", "ring", "-n", "2", "--", sys.executable, "-m",
                "phi3v_mlx", "serve", "--model", str(MODELS / "tiny-phi35v"), "--port", str(port),
                "--dtype", "float32"]  # fmt: skip

@@ -4,7 +4,6 @@ logits with the adapter each input mix selects, cached greedy decoding across th
 per-row adapters in a batch, both checkpoint layouts, and prompt text to ids."""
 
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,10 +19,10 @@ from phi3v_mlx.models.phi4mm.adapters import using
 from phi3v_mlx.models.phi4mm.images import crop_grid
 from phi3v_mlx.models.phi4mm.model import to_slots
 from phi3v_mlx.processor import PromptError
+from tests.test_speech import speech_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "phi4mm"
 CHECKPOINT = FIXTURES / "models" / "tiny-phi4mm"
-STAND_IN = Path(__file__).parent / "fixtures" / "text" / "models" / "tiny-phi4-mini"
 MANIFEST = json.loads((FIXTURES / "golden" / "manifest.json").read_text())
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -351,26 +350,7 @@ def test_remote_config_defaults_to_siglip_400m():
 def processor(tmp_path_factory):
     """The checkpoint's processor with the stand-in Phi-4 tokenizer, the image and audio
     placeholders added to its vocabulary and added tokens."""
-    folder = tmp_path_factory.mktemp("tiny-phi4mm")
-    for file in CHECKPOINT.glob("*.json"):
-        shutil.copy(file, folder)
-    for file in ("tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(STAND_IN / file, folder)
-    tokenizer = json.loads((STAND_IN / "tokenizer.json").read_text())
-    for token_id, content in ((200010, "<|endoftext10|>"), (200011, "<|endoftext11|>")):
-        tokenizer["model"]["vocab"][content] = token_id
-        tokenizer["added_tokens"].append(
-            {
-                "id": token_id,
-                "content": content,
-                "single_word": False,
-                "lstrip": False,
-                "rstrip": False,
-                "normalized": False,
-                "special": True,
-            }  # fmt: skip
-        )
-    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    folder = speech_checkpoint(tmp_path_factory.mktemp("stand-in") / "tiny-phi4mm")
     config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
     return load_processor(folder, config)
 

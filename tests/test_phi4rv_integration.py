@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 import phi3v_mlx
 from phi3v_mlx.thinking import split_text
+from tests.helpers import serving
 from tests.test_phi4rv import CHECKPOINT, ROOT, byte_tokenizer_checkpoint
 
 MARKERS = ["</think>", "<|dummy_84|>"]
@@ -318,25 +319,8 @@ def test_cli_chat_thinking_and_refusals(folder):
 
 @pytest.fixture(scope="module")
 def server(loaded):
-    import threading
-    import time
-
-    import uvicorn
-
-    from phi3v_mlx.server import ServerSettings, create_app
-    from tests.test_server import _free_port
-
-    app = create_app(*loaded, ServerSettings(model_name="tiny"))
-    port = _free_port()
-    runner = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=runner.run, daemon=True)
-    thread.start()
-    while not runner.started:
-        assert thread.is_alive()
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    runner.should_exit = True
-    thread.join(timeout=30)
+    with serving(*loaded) as base:
+        yield base
 
 
 def png_url() -> str:

@@ -4,7 +4,6 @@ import base64
 import http.server
 import logging
 import os
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,39 +13,20 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 
 import phi3v_mlx
-from phi3v_mlx.server import ServerSettings, create_app
 from tests.conftest import IMAGES, load_variant
+from tests.helpers import serving
 
 QUESTION = "Describe the picture."
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextmanager
 def live_server(variant="tiny-phi35v", **settings):
-    """A server on a free loopback port in this process, stopped after the block."""
-    model, processor = load_variant(variant)
-    app = create_app(model, processor, ServerSettings(model_name="tiny", **settings))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    """A server for a fixture variant on a free loopback port in this process, stopped after
+    the block."""
+    with serving(*load_variant(variant), **settings) as base:
+        yield base
 
 
 def client(base, key="unused"):

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -17,6 +16,8 @@ import phi3v_mlx
 from phi3v_mlx import cli
 from phi3v_mlx.generate import chat_prompt
 from phi3v_mlx.speech import speech_prompt, stream_transcription
+from tests.helpers import serving
+from tests.test_server import client
 
 FIXTURES = Path(__file__).parent / "fixtures" / "phi4mm"
 CHECKPOINT = FIXTURES / "models" / "tiny-phi4mm"
@@ -206,37 +207,8 @@ def test_transcription_streams_what_generate_returns(loaded):
 
 @pytest.fixture(scope="module")
 def server(loaded):
-    yield from serving(loaded, max_tokens=6)  # transcriptions then end where the CLI's do
-
-
-def serving(loaded, **settings):
-    import threading
-    import time
-
-    import uvicorn
-
-    from phi3v_mlx.server import ServerSettings, create_app
-    from tests.test_server import _free_port
-
-    model, processor = loaded
-    app = create_app(model, processor, ServerSettings(model_name="tiny", **settings))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
-def client(base):
-    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    with serving(*loaded, max_tokens=6) as base:  # transcriptions end where the CLI's do
+        yield base
 
 
 def test_server_transcribes_as_phi3v_transcribe(loaded, server, checkpoint):
@@ -313,12 +285,12 @@ def test_server_refusals_are_4xx_in_the_openai_shape(server, tmp_path):
 
 def test_server_audio_limits(loaded):
     files = {"file": ("a.wav", LONGER.read_bytes(), "audio/wav")}
-    for base in serving(loaded, max_audio_seconds=2.0):
+    with serving(*loaded, max_audio_seconds=2.0) as base:
         reply = httpx.post(f"{base}/v1/audio/transcriptions", data={"model": "t"}, files=files)
         assert reply.status_code == 400 and "over this server's limit" in reply.text
-    for base in serving(loaded, max_audio_in_flight=2.0):
+    with serving(*loaded, max_audio_in_flight=2.0) as base:
         reply = httpx.post(f"{base}/v1/audio/transcriptions", data={"model": "t"}, files=files)
         assert reply.status_code == 429 and reply.json()["error"]["code"] == "audio_busy"
-    for base in serving(loaded, max_body_mb=0.05):
+    with serving(*loaded, max_body_mb=0.05) as base:
         reply = httpx.post(f"{base}/v1/audio/transcriptions", data={"model": "t"}, files=files)
         assert reply.status_code == 413

@@ -11,6 +11,7 @@ import soundfile
 
 import phi3v_mlx
 from phi3v_mlx.generate import chat_prompt
+from tests.helpers import serving
 from tests.test_chat_page import (
     CHROMEDRIVER,
     CHROMIUM,
@@ -21,7 +22,7 @@ from tests.test_chat_page import (
     _wait,
     _wait_answer,
 )
-from tests.test_speech import LONGER, QUESTION, SHORT, serving, speech_checkpoint
+from tests.test_speech import LONGER, QUESTION, SHORT, speech_checkpoint
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
@@ -57,7 +58,7 @@ def browser(tmp_path, capture):
 
 def test_the_page_sends_an_attached_clip_and_a_microphone_recording(loaded, tmp_path):
     model, processor = loaded
-    for base in serving(loaded, max_tokens=6):
+    with serving(*loaded, max_tokens=6) as base:
         with browser(tmp_path, LONGER) as driver:
             driver.get(base)
             _wait(lambda: _by_id(driver, "model").text == "tiny")
