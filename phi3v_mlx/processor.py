@@ -7,7 +7,7 @@ import io
 import json
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,56 @@ def _open(source: str | Path | bytes | bytearray, name: str) -> Image.Image:
         raise ImageError(f"{name} cannot be read: {e}") from None
 
 
+# The content parts that carry media, by the kind of media they carry.
+MEDIA_PARTS = {"image": "image", "image_url": "image", "audio": "audio", "input_audio": "audio"}
+
+
+def as_list(items: Any) -> list[Any]:
+    """One input or several (a list or tuple) as a list; None as none."""
+    if items is None:
+        return []
+    return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
+def flatten_parts(content: Any, tag: Callable[[str], str]) -> str:
+    """A message's content as text: a string as it is; a list of parts joined, each text part's
+    text, each image or audio part ``tag(kind)`` ("image" or "audio"), any other part refused."""
+    if isinstance(content, str):
+        return content
+    text = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            text.append(part.get("text", ""))
+        elif kind in MEDIA_PARTS:
+            text.append(tag(MEDIA_PARTS[kind]))
+        else:
+            raise PromptError(f"unknown message part {part!r}")
+    return "".join(text)
+
+
+def numbered_tags(template: str) -> Callable[[str], str]:
+    """A ``flatten_parts`` tag that numbers each kind of media across a whole conversation:
+    ``template.format(kind=kind, k=k)`` for the kind's k-th part."""
+    counts = {"image": 0, "audio": 0}
+
+    def tag(kind: str) -> str:
+        counts[kind] += 1
+        return template.format(kind=kind, k=counts[kind])
+
+    return tag
+
+
+def check_context(length: int, max_positions: int | None, advice: str) -> None:
+    """Refuse a prompt of ``length`` positions over the model's context (None: no limit), in
+    one line that ends with ``advice``."""
+    if max_positions is not None and length > max_positions:
+        raise PromptError(
+            f"the prompt has {length:,} tokens, over the model's context of {max_positions:,} "
+            f"({advice})"
+        )
+
+
 class Processor:
     """Prompts and images to ``input_ids`` and the media tensors of the model's encoder.
 
@@ -192,11 +242,9 @@ class Processor:
 
     def check_length(self, length: int) -> None:
         """Refuse a prompt of ``length`` positions that does not fit the model's context."""
-        if self.max_positions is not None and length > self.max_positions:
-            raise PromptError(
-                f"the prompt has {length:,} tokens, over the model's context of "
-                f"{self.max_positions:,} (use fewer or smaller images, or a lower num_crops)"
-            )
+        check_context(
+            length, self.max_positions, "use fewer or smaller images, or a lower num_crops"
+        )
 
     def __call__(
         self,
@@ -208,12 +256,8 @@ class Processor:
 
         The prompt's length is checked before any pixel work.
         """
-        if images is None:
-            images = []
-        elif not isinstance(images, (list, tuple)):
-            images = [images]
         num_crops = self.crops(num_crops)
-        loaded = self.load_images(images)
+        loaded = self.load_images(as_list(images))
         ids = self.tokenize(prompt, [self.image_tokens(image, num_crops) for image in loaded])
         inputs = {"input_ids": mx.array([ids], dtype=mx.int32), "pixel_values": None,
                   "image_sizes": None}  # fmt: skip
@@ -228,24 +272,17 @@ class Processor:
     ) -> str:
         """The conversation in the official chat format; image parts become ``<|image_k|>`` tags
         numbered across the whole conversation."""
-        rendered, count = [], 0
-        for message in messages:
-            content = message.get("content", "")
-            if not isinstance(content, str):
-                text = []
-                for part in content:
-                    kind = part.get("type") if isinstance(part, dict) else None
-                    if kind == "text":
-                        text.append(part.get("text", ""))
-                    elif kind in ("image", "image_url") and not self.vision:
-                        raise ImageError("this is a text model: it takes no images")
-                    elif kind in ("image", "image_url"):
-                        count += 1
-                        text.append(f"<|image_{count}|>\n")
-                    else:
-                        raise PromptError(f"unknown message part {part!r}")
-                content = "".join(text)
-            rendered.append({**message, "content": content})
+        tag = numbered_tags("<|{kind}_{k}|>\n")
+
+        def image_tag(kind: str) -> str:
+            if kind == "audio":
+                raise PromptError("this model reads no audio")
+            if not self.vision:
+                raise ImageError("this is a text model: it takes no images")
+            return tag(kind)
+
+        rendered = [{**m, "content": flatten_parts(m.get("content", ""), image_tag)}
+                    for m in messages]  # fmt: skip
         template = getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE
         return self.tokenizer.apply_chat_template(
             rendered,

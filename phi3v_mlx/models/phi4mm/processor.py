@@ -19,9 +19,13 @@ from ...processor import (
     DEFAULT_MAX_PIXELS,
     ImageInput,
     PromptError,
+    as_list,
+    check_context,
     checkpoint_stop_ids,
+    flatten_parts,
     load_image,
     load_tokenizer,
+    numbered_tags,
 )
 from .audio import SAMPLE_RATE, AudioInput
 from .config import ModelConfig
@@ -128,11 +132,9 @@ class Processor:
 
     def check_length(self, length: int) -> None:
         """Refuse a prompt of ``length`` positions that does not fit the model's context."""
-        if self.max_positions is not None and length > self.max_positions:
-            raise PromptError(
-                f"the prompt has {length:,} tokens, over the model's context of "
-                f"{self.max_positions:,} (use fewer or smaller media, or a lower dynamic_hd)"
-            )
+        check_context(
+            length, self.max_positions, "use fewer or smaller media, or a lower dynamic_hd"
+        )
 
     def __call__(
         self,
@@ -154,9 +156,7 @@ class Processor:
         if num_crops is not None and dynamic_hd is not None and num_crops != dynamic_hd:
             raise ValueError("num_crops and dynamic_hd name the same bound: give one")
         dynamic_hd = num_crops if dynamic_hd is None else dynamic_hd
-        images = [] if images is None else images
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        loaded = self.load_images(images)
+        loaded = self.load_images(as_list(images))
         dynamic_hd = self.image_processor.check_dynamic_hd(dynamic_hd)
         waves = [] if audios is None else self.audio_processor.load(audios, sampling_rate)
         config = self.audio_processor.config
@@ -182,23 +182,8 @@ class Processor:
         ``<|image_k|>`` and ``<|audio_k|>`` tags numbered across the whole conversation."""
         if self.tokenizer is None:
             raise PromptError("this checkpoint has no tokenizer.json: give the prompt as ids")
-        rendered, counts = [], {"image": 0, "audio": 0}
-        for message in messages:
-            content = message.get("content", "")
-            if not isinstance(content, str):
-                text = []
-                for part in content:
-                    kind = part.get("type") if isinstance(part, dict) else None
-                    if kind == "text":
-                        text.append(part.get("text", ""))
-                    elif kind in ("image", "image_url", "audio", "input_audio"):
-                        media = "image" if kind.startswith("image") else "audio"
-                        counts[media] += 1
-                        text.append(f"<|{media}_{counts[media]}|>")
-                    else:
-                        raise PromptError(f"unknown message part {part!r}")
-                content = "".join(text)
-            rendered.append({"role": message["role"], "content": content})
+        tag = numbered_tags("<|{kind}_{k}|>")
+        rendered = [{**m, "content": flatten_parts(m.get("content", ""), tag)} for m in messages]
         template = getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE
         return self.tokenizer.apply_chat_template(
             rendered,

@@ -19,7 +19,10 @@ from ...processor import (
     DEFAULT_MAX_PIXELS,
     ImageInput,
     PromptError,
+    as_list,
+    check_context,
     checkpoint_stop_ids,
+    flatten_parts,
     load_image,
     load_tokenizer,
 )
@@ -56,21 +59,11 @@ def render_template(template: str, messages: list[dict[str, str]], add_generatio
     )
 
 
-def message_text(content: Any) -> str:
-    """A message's content as text: a string as is; OpenAI-style parts joined, each image part
-    becoming ``<image>\\n``."""
-    if isinstance(content, str):
-        return content
-    text = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            text.append(part.get("text", ""))
-        elif kind in ("image", "image_url"):
-            text.append(IMAGE_TAG + "\n")
-        else:
-            raise PromptError(f"unknown message part {part!r}")
-    return "".join(text)
+def image_tag(kind: str) -> str:
+    """An image part's place in the prompt (this model reads no audio)."""
+    if kind != "image":
+        raise PromptError("this model reads no audio")
+    return IMAGE_TAG + "\n"
 
 
 class Processor:
@@ -128,11 +121,7 @@ class Processor:
 
     def check_length(self, length: int) -> None:
         """Refuse a prompt of ``length`` positions that does not fit the model's context."""
-        if self.max_positions is not None and length > self.max_positions:
-            raise PromptError(
-                f"the prompt has {length:,} tokens, over the model's context of "
-                f"{self.max_positions:,} (use fewer or smaller images)"
-            )
+        check_context(length, self.max_positions, "use fewer or smaller images")
 
     def tokenize(self, prompt: str | Sequence[int], num_tokens: Sequence[int]) -> list[int]:
         """Prompt ids with image k's slots as ``num_tokens[k]`` ids ``-(k + 1)``.
@@ -178,11 +167,7 @@ class Processor:
         grids again, as shared code passes them to ``Model.encode_images``). The prompt's
         length is checked before any pixel work."""
         self.crops(num_crops)
-        if images is None:
-            images = []
-        elif not isinstance(images, (list, tuple)):
-            images = [images]
-        loaded = self.load_images(images)
+        loaded = self.load_images(as_list(images))
         ids = self.tokenize(prompt, [self.image_processor.image_tokens(im) for im in loaded])
         inputs = {"input_ids": mx.array([ids], dtype=mx.int32)}
         if loaded:
@@ -214,7 +199,7 @@ class Processor:
         rendered: list[dict[str, str]] = []
         system: list[str] = []
         for message in messages:
-            role, text = message.get("role"), message_text(message.get("content", ""))
+            role, text = message.get("role"), flatten_parts(message.get("content", ""), image_tag)
             if role == "system":
                 system.append(text)
                 continue
