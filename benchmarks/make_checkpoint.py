@@ -1,4 +1,5 @@
-"""Write a random-weight Phi-3(.5)-Vision checkpoint in the exact Hugging Face layout.
+"""Write a random-weight Phi-3(.5)-Vision or Phi-4-multimodal checkpoint in the exact Hugging Face
+layout.
 
 Speed and memory depend on tensor sizes, not values, so benchmarks run on these. Tensors are drawn
 and written one at a time (a full-size model never sits in memory), sharded like the releases.
@@ -11,6 +12,14 @@ and written one at a time (a full-size model never sits in memory), sharded like
 
 ``--text`` writes the text model that Phi-3.5-vision's decoder is, Phi-3.5-mini (``model_type``
 ``phi3``): the vision config keys and tensors are left out.
+
+``--model phi-4-multimodal-instruct`` writes the Hub repository's remote-code layout (``phi4mm``:
+both LoRA adapters inside the decoder, SigLIP, the conformer audio encoder and their projections,
+the real config.json), with the reconstructed stand-in Phi-4 tokenizer of the test fixtures and
+its image and audio placeholders (``<|endoftext10|>``, ``<|endoftext11|>``) added:
+
+    python benchmarks/make_checkpoint.py --model phi-4-multimodal-instruct --dtype float32 \\
+        --decoder-layers 4 --out /work/ckpt/phi4mm-4l-f32
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import json
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,7 +38,10 @@ from phi3v_mlx.convert import save_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tests" / "fixtures" / "configs"
-NORMS = re.compile(r"(norm|layrnorm|layer_norm\d)\.weight$")
+STAND_IN_TOKENIZER = ROOT / "tests" / "fixtures" / "text" / "models" / "tiny-phi4-mini"
+NEAR_ONE = re.compile(r"(norm|layrnorm|layer_norm\d|layer_norm_att)\.weight$|global_invstd$")
+PHI4MM = "phi-4-multimodal-instruct"
+PLACEHOLDERS = {200010: "<|endoftext10|>", 200011: "<|endoftext11|>"}
 
 
 def tensor_list(
@@ -53,11 +66,11 @@ def tensor_list(
 
 def random_tensor(name: str, shape: tuple, dtype: mx.Dtype, key: mx.array) -> mx.array:
     """Values of the scale a trained model has, so no path meets overflow or denormals."""
-    if NORMS.search(name):
+    if NEAR_ONE.search(name):
         value = 1 + 0.1 * mx.random.normal(shape, key=key)
     elif name.endswith("_GN"):
         value = mx.random.normal(shape, key=key)
-    elif name.endswith(".bias") or "embedding" in name or "embed_tokens" in name:
+    elif name.endswith(".bias") or "embedding" in name or "embed_tokens." in name:
         value = 0.02 * mx.random.normal(shape, key=key)
     else:
         fan_in = 1
@@ -67,9 +80,197 @@ def random_tensor(name: str, shape: tuple, dtype: mx.Dtype, key: mx.array) -> mx
     return value.astype(dtype)
 
 
+def phi4mm_tensors(decoder_layers: int | None) -> list[tuple[str, tuple]]:
+    """Phi-4-multimodal-instruct's tensors as the Hub repository names them (remote code), the
+    first ``decoder_layers`` decoder layers only when asked."""
+
+    def biased(name: str, *shape: int) -> list[tuple[str, tuple]]:
+        return [(f"{name}.weight", shape), (f"{name}.bias", shape[:1])]
+
+    hidden, vit, audio = 3072, 1152, 1024  # decoder, SigLIP-400M, conformer widths
+    decoder = {"self_attn.qkv_proj": (5120, hidden), "self_attn.o_proj": (hidden, hidden),
+               "mlp.gate_up_proj": (2 * 8192, hidden), "mlp.down_proj": (hidden, 8192)}  # fmt: skip
+    out = [("model.embed_tokens.weight", (200064, hidden)), ("model.norm.weight", (hidden,))]
+    for i in range(32 if decoder_layers is None else decoder_layers):
+        layer = f"model.layers.{i}."
+        out += [(f"{layer}{n}_layernorm.weight", (hidden,)) for n in ("input", "post_attention")]
+        for module, (rows, cols) in decoder.items():
+            out.append((f"{layer}{module}.base_layer.weight", (rows, cols)))
+            for adapter, rank in (("vision", 256), ("speech", 320)):
+                out.append((f"{layer}{module}.lora_A.{adapter}.weight", (rank, cols)))
+                out.append((f"{layer}{module}.lora_B.{adapter}.weight", (rows, rank)))
+
+    image = "model.embed_tokens_extend.image_embed."
+    tower = image + "img_processor."
+    out += biased(tower + "embeddings.patch_embedding", vit, 3, 14, 14)
+    out.append((tower + "embeddings.position_embedding.weight", (32 * 32, vit)))
+    for i in range(27):
+        layer = f"{tower}encoder.layers.{i}."
+        out += biased(layer + "layer_norm1", vit) + biased(layer + "layer_norm2", vit)
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out += biased(f"{layer}self_attn.{proj}", vit, vit)
+        out += biased(layer + "mlp.fc1", 4304, vit) + biased(layer + "mlp.fc2", vit, 4304)
+    head = tower + "head."
+    out += biased(tower + "post_layernorm", vit) + biased(head + "layernorm", vit)
+    out += [(head + "probe", (1, 1, vit)), (head + "attention.in_proj_weight", (3 * vit, vit))]
+    out += [(head + "attention.in_proj_bias", (3 * vit,))]
+    out += biased(head + "attention.out_proj", vit, vit)
+    out += biased(head + "mlp.fc1", 4304, vit) + biased(head + "mlp.fc2", vit, 4304)
+    # avg_pool_2d token compression: separators and projection are 1152 wide, not 4 x 1152
+    out += [(image + "glb_GN", (1, 1, vit)), (image + "sub_GN", (1, 1, 1, vit))]
+    out += biased(image + "img_projection.0", hidden, vit)
+    out += biased(image + "img_projection.2", hidden, hidden)
+
+    embed = "model.embed_tokens_extend.audio_embed."
+    encoder = embed + "encoder."
+    out += [(f"{encoder}encoder_embedding.global_{n}", (80,)) for n in ("mean", "invstd")]
+    out.append((encoder + "relative_attention_bias_layer.bias_values.weight", (2 * 500, 16)))
+    # dw_striding subsampling by 8: conv, act, then (depthwise, pointwise, act) twice
+    out += biased(encoder + "embed.conv.0", audio, 1, 3, 3)
+    for depthwise in (2, 5):
+        out += biased(f"{encoder}embed.conv.{depthwise}", audio, 1, 3, 3)
+        out += biased(f"{encoder}embed.conv.{depthwise + 1}", audio, audio, 1, 1)
+    out += biased(encoder + "embed.out", audio, audio * 10)  # channels x 80 / 8 mel bins
+    for i in range(24):
+        block = f"{encoder}encoders.{i}."
+        for ff in ("feed_forward_in", "feed_forward_out"):
+            out += biased(f"{block}{ff}.layer_norm", audio)
+            out += biased(f"{block}{ff}.net.0.linear", 2 * 1536, audio)
+            out += biased(f"{block}{ff}.net.2", audio, 1536)
+        for proj in ("linear_q", "linear_k", "linear_v", "linear_out"):
+            out += biased(f"{block}self_attn.{proj}", audio, audio)
+        conv = block + "conv."
+        out += [(conv + "glu.b1", (1, audio, 1)), (conv + "glu.b2", (1, audio, 1))]
+        out += biased(conv + "layer_norm", audio)
+        out += biased(conv + "glu.ext_pw_conv_1d", 2 * audio, audio, 1)
+        out += biased(conv + "dw_sep_conv_1d.dw_conv", audio, 1, 3)
+        out += biased(conv + "dw_sep_conv_1d.pw_conv", audio, audio, 1)
+        out += biased(conv + "ext_pw_conv_1d", audio, audio, 1)
+        out += biased(block + "layer_norm_att", audio) + biased(block + "layer_norm", audio)
+    for branch in ("speech", "vision"):
+        out += biased(f"{embed}audio_projection.{branch}.0", hidden, audio)
+        out += biased(f"{embed}audio_projection.{branch}.2", hidden, hidden)
+    return out
+
+
+LONG_FACTOR = [1, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817,
+               2.187582649, 2.446418898, 2.735880826, 3.059592084, 3.421605075, 3.826451687,
+               4.279200023, 4.785517845, 5.351743533, 5.984965424, 6.693110555, 7.485043894,
+               8.370679318, 9.36110372, 10.4687158, 11.70738129, 13.09260651, 14.64173252,
+               16.37415215, 18.31155283, 20.47818807, 22.90118105, 25.61086418, 28.64115884,
+               32.03, 32.1, 32.13, 32.23, 32.6, 32.61, 32.64, 32.66, 32.7, 32.71, 32.93, 32.97,
+               33.28, 33.49, 33.5, 44.16, 47.77]  # fmt: skip
+
+
+def phi4mm_config(decoder_layers: int | None, dtype: str) -> dict:
+    """Phi-4-multimodal-instruct's config.json (remote code, ``phi4mm``)."""
+    conformer = {
+        "activation": "swish", "attention_dim": 1024, "attention_heads": 16, "batch_norm": False,
+        "bias_in_glu": True, "causal": True, "chunk_size": -1, "cnn_layer_norm": True,
+        "conv_activation": "swish", "conv_glu_type": "swish", "depthwise_multiplier": 1,
+        "depthwise_seperable_out_channel": 1024, "dropout_rate": 0.0,
+        "encoder_embedding_config": {"input_size": 80}, "ext_pw_kernel_size": 1,
+        "ext_pw_out_channel": 1024, "input_layer": "nemo_conv", "input_size": 80,
+        "kernel_size": 3, "left_chunk": 18, "linear_units": 1536,
+        "nemo_conv_settings": {"conv_channels": 1024}, "num_blocks": 24,
+        "relative_attention_bias_args": {"t5_bias_max_distance": 500, "type": "t5"},
+        "time_reduction": 8,
+    }  # fmt: skip
+    lora = "((layers.*self_attn\\.(qkv|o)_proj)|(layers.*mlp\\.(gate_up|down)_proj))"
+    return {
+        "architectures": ["Phi4MMForCausalLM"], "model_type": "phi4mm", "attention_bias": False,
+        "auto_map": {"AutoConfig": "configuration_phi4mm.Phi4MMConfig"},
+        "attention_dropout": 0.0, "audio_processor": {"config": conformer, "name": "cascades"},
+        "bos_token_id": 199999, "eos_token_id": 199999, "pad_token_id": 199999,
+        "embd_layer": {
+            "audio_embd_layer": {"compression_rate": 8, "downsample_rate": 1,
+                                 "embedding_cls": "audio", "projection_cls": "mlp",
+                                 "use_conv_downsample": False, "use_qformer": False},
+            "embedding_cls": "image_audio",
+            "image_embd_layer": {"crop_size": 448, "embedding_cls": "tune_image",
+                                 "hd_transform_order": "sub_glb",
+                                 "image_token_compression_cls": "avg_pool_2d",
+                                 "projection_cls": "mlp", "use_hd_transform": True,
+                                 "with_learnable_separator": True},
+        },
+        "embd_pdrop": 0.0, "full_attn_mod": 1, "hidden_act": "silu", "hidden_size": 3072,
+        "initializer_range": 0.02, "intermediate_size": 8192, "interpolate_factor": 1,
+        "lm_head_bias": False, "max_position_embeddings": 131072, "mlp_bias": False,
+        "num_attention_heads": 24, "num_hidden_layers": decoder_layers or 32,
+        "num_key_value_heads": 8, "original_max_position_embeddings": 4096,
+        "partial_rotary_factor": 0.75, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"long_factor": LONG_FACTOR, "short_factor": [1.0] * 48,
+                         "type": "longrope"},
+        "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": True,
+        "torch_dtype": dtype, "use_cache": True, "vocab_size": 200064,
+        "vision_lora": {"dp": 0.0, "layer": lora, "lora_alpha": 512, "r": 256},
+        "speech_lora": {"dp": 0.01, "layer": lora, "lora_alpha": 640, "r": 320},
+    }  # fmt: skip
+
+
+REMOTE_CONFIG = """from transformers import Phi3Config
+
+
+class Phi4MMConfig(Phi3Config):
+    \"\"\"Stands in for the Hub repository's remote configuration file.\"\"\"
+
+    model_type = "phi4mm"
+"""
+
+
+def write_phi4mm_files(out: Path) -> None:
+    """The processor settings, generation config, the stand-in Phi-4 tokenizer with the image
+    and audio placeholders in both its vocabulary and its added tokens, and a stand-in for the
+    remote configuration file (transformers reads config.json through it before a tokenizer)."""
+    processor = {
+        "image_processor_type": "Phi4MMImageProcessor", "processor_class": "Phi4MMProcessor",
+        "feature_extractor_type": "Phi4MMAudioFeatureExtractor", "audio_compression_rate": 8,
+        "audio_downsample_rate": 1, "audio_feat_stride": 1, "dynamic_hd": 36,
+    }  # fmt: skip
+    generation = {"bos_token_id": 199999, "eos_token_id": [200020, 199999], "pad_token_id": 199999}
+    tokenizer = json.loads((STAND_IN_TOKENIZER / "tokenizer.json").read_text())
+    settings = json.loads((STAND_IN_TOKENIZER / "tokenizer_config.json").read_text())
+    for token_id, content in PLACEHOLDERS.items():
+        entry = {"content": content, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False, "special": True}  # fmt: skip
+        tokenizer["model"]["vocab"][content] = token_id
+        tokenizer["added_tokens"].append({"id": token_id, **entry})
+        settings["added_tokens_decoder"][str(token_id)] = entry
+    for name, value in (("preprocessor_config.json", processor), ("tokenizer.json", tokenizer),
+                        ("generation_config.json", generation),
+                        ("tokenizer_config.json", settings)):  # fmt: skip
+        (out / name).write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    shutil.copy2(STAND_IN_TOKENIZER / "special_tokens_map.json", out)
+    (out / "configuration_phi4mm.py").write_text(REMOTE_CONFIG)
+
+
+def write_checkpoint(
+    args: argparse.Namespace,
+    names: list[tuple[str, tuple]],
+    config: dict,
+    write_files: Callable[[Path], None],
+) -> None:
+    """Random tensors of these names and shapes, drawn and written one at a time, sharded; the
+    config; the model's other files."""
+    dtype = getattr(mx, args.dtype)
+    tensors = {
+        name: random_tensor(name, shape, dtype, mx.random.key(args.seed * 100_003 + i))
+        for i, (name, shape) in enumerate(names)
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def report(done: int, total: int) -> None:
+        print(f"  {done / 1e9:.2f} / {total / 1e9:.2f} GB", flush=True)
+
+    total = save_shards(args.out, tensors, int(args.shard_gb * 1e9), report, fmt="pt")
+    (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_files(args.out)
+    print(f"wrote {args.out}: {len(names)} tensors, {total / 1e9:.3f} GB of {args.dtype}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    models = ["phi-3.5-vision-instruct", "phi-3-vision-128k-instruct"]
+    models = ["phi-3.5-vision-instruct", "phi-3-vision-128k-instruct", PHI4MM]
     parser.add_argument("--model", default=models[0], choices=models)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--decoder-layers", type=int, help="keep only this many decoder layers")
@@ -82,6 +283,12 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"error: {args.out} exists and is not empty")
+    if args.model == PHI4MM:
+        if args.text or args.vision_layers is not None:
+            parser.error(f"{PHI4MM} takes neither --text nor --vision-layers")
+        config = phi4mm_config(args.decoder_layers, args.dtype)
+        write_checkpoint(args, phi4mm_tensors(args.decoder_layers), config, write_phi4mm_files)
+        return
     source = CONFIGS / args.model
     config = json.loads((source / "config.json").read_text())
     config["torch_dtype"] = args.dtype
@@ -96,25 +303,13 @@ def main(argv: list[str] | None = None) -> None:
         config.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
         config["rope_scaling"]["type"] = "longrope"
 
-    dtype = getattr(mx, args.dtype)
-    tensors = {}
-    for i, (name, shape) in enumerate(
-        tensor_list(args.decoder_layers, args.vision_layers, args.text)
-    ):
-        tensors[name] = random_tensor(name, shape, dtype, mx.random.key(args.seed * 100_003 + i))
+    def copy_files(out: Path) -> None:
+        for file in source.iterdir():
+            if file.name != "config.json" and not (args.text and "processor" in file.name):
+                shutil.copy2(file, out / file.name)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    def report(done: int, total: int) -> None:
-        print(f"  {done / 1e9:.2f} / {total / 1e9:.2f} GB", flush=True)
-
-    count = len(tensors)
-    total = save_shards(args.out, tensors, int(args.shard_gb * 1e9), report, fmt="pt")
-    (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for file in source.iterdir():
-        if file.name != "config.json" and not (args.text and "processor" in file.name):
-            shutil.copy2(file, args.out / file.name)
-    print(f"wrote {args.out}: {count} tensors, {total / 1e9:.3f} GB of {args.dtype}")
+    names = tensor_list(args.decoder_layers, args.vision_layers, args.text)
+    write_checkpoint(args, names, config, copy_files)
 
 
 if __name__ == "__main__":
