@@ -20,6 +20,14 @@ its image and audio placeholders (``<|endoftext10|>``, ``<|endoftext11|>``) adde
 
     python benchmarks/make_checkpoint.py --model phi-4-multimodal-instruct --dtype float32 \\
         --decoder-layers 4 --out /work/ckpt/phi4mm-4l-f32
+
+``--model phi-4-mini-instruct`` and ``--model phi-3-small-8k-instruct`` write the text models
+(``phi3`` with partial rotary and tied embeddings; ``phi3small``): the keys of the tiny text
+fixture's config.json with the real sizes, tensors named and shaped from that config, the
+fixture's generation config and (Phi-4-mini) stand-in tokenizer:
+
+    python benchmarks/make_checkpoint.py --model phi-3-small-8k-instruct --dtype float32 \\
+        --decoder-layers 4 --out /work/ckpt/phi3-small-4l-f32
 """
 
 from __future__ import annotations
@@ -244,6 +252,95 @@ def write_phi4mm_files(out: Path) -> None:
     (out / "configuration_phi4mm.py").write_text(REMOTE_CONFIG)
 
 
+PHI4MINI = "phi-4-mini-instruct"
+PHI3SMALL = "phi-3-small-8k-instruct"
+TEXT_FIXTURES = ROOT / "tests" / "fixtures" / "text" / "models"
+
+
+def phi4mini_config(decoder_layers: int | None, dtype: str) -> dict:
+    """Phi-4-mini-instruct's config.json: the tiny fixture's (the real key set and values) with
+    the real sizes, context and 48-value rope factor lists put back."""
+    config = json.loads((TEXT_FIXTURES / "tiny-phi4-mini" / "config.json").read_text())
+    config.update(hidden_size=3072, intermediate_size=8192, num_attention_heads=24,
+                  num_key_value_heads=8, num_hidden_layers=decoder_layers or 32,
+                  original_max_position_embeddings=4096, max_position_embeddings=131072,
+                  torch_dtype=dtype, _name_or_path=PHI4MINI)  # fmt: skip
+    config["rope_scaling"].update(long_factor=LONG_FACTOR, short_factor=[1.0] * 48)
+    return config
+
+
+def phi3_text_tensors(config: dict) -> list[tuple[str, tuple]]:
+    """The tensors of a ``phi3`` text checkpoint (fused qkv and gate_up), sized by its config;
+    no head when the embeddings are tied."""
+    hidden, width, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    qkv = (heads + 2 * kv_heads) * (hidden // heads)
+    out = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(config["num_hidden_layers"]):
+        layer = f"model.layers.{i}."
+        out += [(f"{layer}{n}_layernorm.weight", (hidden,)) for n in ("input", "post_attention")]
+        out += [(layer + "self_attn.qkv_proj.weight", (qkv, hidden)),
+                (layer + "self_attn.o_proj.weight", (hidden, hidden)),
+                (layer + "mlp.gate_up_proj.weight", (2 * width, hidden)),
+                (layer + "mlp.down_proj.weight", (hidden, width))]  # fmt: skip
+    out.append(("model.norm.weight", (hidden,)))
+    if not config.get("tie_word_embeddings"):
+        out.append(("lm_head.weight", (vocab, hidden)))
+    return out
+
+
+def phi3small_config(decoder_layers: int | None, dtype: str) -> dict:
+    """Phi-3-small-8k-instruct's config.json: the tiny fixture's (the real key set and values)
+    with the real sizes put back."""
+    config = json.loads((TEXT_FIXTURES / "tiny-phi3-small" / "config.json").read_text())
+    config.update(hidden_size=4096, ff_intermediate_size=14336, num_attention_heads=32,
+                  num_key_value_heads=8, num_hidden_layers=decoder_layers or 32,
+                  torch_dtype=dtype, _name_or_path=PHI3SMALL)  # fmt: skip
+    return config
+
+
+def phi3small_tensors(config: dict) -> list[tuple[str, tuple]]:
+    """Phi-3-small's tensors (every Linear and LayerNorm biased, qkv fused, tied head), sized by
+    its config."""
+    hidden, width = config["hidden_size"], config["ff_intermediate_size"]
+    vocab = config["vocab_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    qkv = (heads + 2 * kv_heads) * (hidden // heads)
+
+    def biased(name: str, *shape: int) -> list[tuple[str, tuple]]:
+        return [(f"{name}.weight", shape), (f"{name}.bias", shape[:1])]
+
+    out = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(config["num_hidden_layers"]):
+        layer = f"model.layers.{i}."
+        out += biased(layer + "self_attn.query_key_value", qkv, hidden)
+        out += biased(layer + "self_attn.dense", hidden, hidden)
+        out += biased(layer + "mlp.up_proj", 2 * width, hidden)
+        out += biased(layer + "mlp.down_proj", hidden, width)
+        out += biased(layer + "input_layernorm", hidden)
+        out += biased(layer + "post_attention_layernorm", hidden)
+    return out + biased("model.final_layernorm", hidden)
+
+
+def fixture_files(variant: str) -> Callable[[Path], None]:
+    """A copier of the tiny text fixture's other files (generation config, and the stand-in
+    tokenizer where it has one; Phi-3-small's tokenizer is tiktoken's)."""
+
+    def copy(out: Path) -> None:
+        for file in (TEXT_FIXTURES / variant).glob("*.json"):
+            if file.name not in ("config.json", "model.safetensors.index.json"):
+                shutil.copy2(file, out / file.name)
+
+    return copy
+
+
+# --model: the tiny fixture it takes keys and files from, its config, its tensors.
+TEXT_MODELS = {
+    PHI4MINI: ("tiny-phi4-mini", phi4mini_config, phi3_text_tensors),
+    PHI3SMALL: ("tiny-phi3-small", phi3small_config, phi3small_tensors),
+}
+
+
 def write_checkpoint(
     args: argparse.Namespace,
     names: list[tuple[str, tuple]],
@@ -271,6 +368,7 @@ def write_checkpoint(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     models = ["phi-3.5-vision-instruct", "phi-3-vision-128k-instruct", PHI4MM]
+    models += list(TEXT_MODELS)
     parser.add_argument("--model", default=models[0], choices=models)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--decoder-layers", type=int, help="keep only this many decoder layers")
@@ -283,6 +381,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"error: {args.out} exists and is not empty")
+    if args.model in TEXT_MODELS:
+        if args.text or args.vision_layers is not None:
+            parser.error(f"{args.model} takes neither --text nor --vision-layers")
+        fixture, make_config, make_tensors = TEXT_MODELS[args.model]
+        config = make_config(args.decoder_layers, args.dtype)
+        write_checkpoint(args, make_tensors(config), config, fixture_files(fixture))
+        return
     if args.model == PHI4MM:
         if args.text or args.vision_layers is not None:
             parser.error(f"{PHI4MM} takes neither --text nor --vision-layers")
