@@ -28,12 +28,23 @@ import resource
 import time
 from pathlib import Path
 
-from bench_text import prompt_ids, timed
+from bench_text import timed
 from common import alternate, combine, metric_table, run_worker, write_report
 
 NAMES = ["load_s", "prefill_s", "prefill_tps", "decode_tps", "peak_gb"]
 OURS, PEER, DENSE = "phi3v_mlx", "mlx_lm", "phi3v_mlx_dense"
 WARM_UP = 128
+
+
+def prompt_ids(checkpoint: Path, length: int) -> list[int]:
+    """The first ``length`` ids of a chat prompt asking to summarize a long text (tokenized
+    whole, then cut: the text alone may run past the model's context)."""
+    import phi3v_mlx
+
+    processor = phi3v_mlx.loader.load_processor(checkpoint)
+    words = " ".join(["lighthouse"] * length)
+    text = processor.apply_chat_template([{"role": "user", "content": f"Summarize: {words}"}])
+    return processor.tokenizer.encode(text)[:length]
 
 
 def dense_copy(checkpoint: Path) -> Path:
