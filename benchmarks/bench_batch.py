@@ -9,12 +9,17 @@ batch_generate called on groups of that many (it decodes a call's prompts togeth
 (side, batch size) runs in a fresh process, the sides alternating. Aggregate decode speed is each
 library's own count: generated tokens over the time spent decoding (reading prompts excluded);
 images per minute cover the whole run.
+
+Next to the measured batch-8 speed-up stands the one the matrix products allow on this machine:
+the decoder's products (one layer's, times its layer count, and the head's) timed on 8 rows
+against 1 row, in float32, in one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +29,11 @@ from common import alternate, combine, metric_table, run_worker, write_report
 
 QUESTION = "Describe this image."
 SIZES = (1, 4, 8)
+# Phi-3.5-vision's decoder products, weights stored [out, in]: qkv_proj, o_proj, gate_up_proj,
+# down_proj, then the head
+LAYER_SHAPES = {"qkv": (9216, 3072), "o": (3072, 3072), "gate_up": (16384, 3072),
+                "down": (3072, 8192)}  # fmt: skip
+HEAD_SHAPE = (32064, 3072)
 
 
 def make_images(folder: Path, count: int = 8) -> list[Path]:
@@ -39,6 +49,47 @@ def make_images(folder: Path, count: int = 8) -> list[Path]:
         paths.append(folder / f"picture-{i}.png")
         Image.fromarray(rgb.astype(np.uint8)).save(paths[-1])
     return paths
+
+
+def matmul_ratio(layers: int, rows: int = 8, repeats: int = 7) -> dict:
+    """The decode speed-up the matrix products allow: ``rows`` rows of every decoder product
+    against one row, as ``rows * t(1) / t(rows)``, per product and for a whole step (the layer
+    products ``layers`` times, the head once); times are medians over ``repeats``."""
+    import mlx.core as mx
+
+    def seconds(x: mx.array, w: mx.array) -> float:
+        started = time.perf_counter()
+        mx.eval(x @ w.T)
+        return time.perf_counter() - started
+
+    shapes = {**LAYER_SHAPES, "head": HEAD_SHAPE}
+    counts = {name: layers for name in LAYER_SHAPES} | {"head": 1}
+    medians = {1: {}, rows: {}}
+    for name, shape in shapes.items():
+        w = 0.02 * mx.random.normal(shape, key=mx.random.key(0))
+        xs = {n: mx.random.normal((n, shape[1]), key=mx.random.key(n)) for n in medians}
+        mx.eval(w, *xs.values())
+        times = {n: [] for n in medians}
+        for r in range(repeats + 2):  # the first two warm up; 1 and 8 rows take turns first
+            for n in medians if r % 2 == 0 else reversed(medians):
+                t = seconds(xs[n], w)
+                if r >= 2:
+                    times[n].append(t)
+        for n in medians:
+            medians[n][name] = float(np.median(times[n]))
+        del w
+    step = {n: sum(counts[k] * t for k, t in medians[n].items()) for n in medians}
+    return {
+        "rows": rows,
+        "decoder_layers": layers,
+        "repeats": repeats,
+        "seconds_1_row": medians[1],
+        f"seconds_{rows}_rows": medians[rows],
+        "ratio_per_product": {k: rows * medians[1][k] / medians[rows][k] for k in shapes},
+        "step_seconds_1_row": step[1],
+        f"step_seconds_{rows}_rows": step[rows],
+        "ratio_step": rows * step[1] / step[rows],
+    }
 
 
 def ours(checkpoint: Path, images: list[Path], batch: int, max_tokens: int, crops: int) -> dict:
@@ -125,13 +176,19 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--num-crops", type=int, default=1)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument(
+        "--pictures", type=int, default=8, help="pictures per batch size (at least the size)"
+    )
+    parser.add_argument("--matmul-repeats", type=int, default=7)
+    parser.add_argument("--note", default="", help="what was cut, recorded in the results")
     parser.add_argument("--worker", nargs=2, metavar=("SIDE", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--images", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         side, batch = args.worker[0], int(args.worker[1])
         run = ours if side == "phi3v_mlx" else theirs
-        images = sorted(args.images.glob("*.png"))
+        images = sorted(args.images.glob("*.png"))[: max(batch, args.pictures)]
         print(json.dumps(run(args.checkpoint, images, batch, args.max_tokens, args.num_crops)))
         return
     folder = Path(tempfile.mkdtemp())
@@ -140,7 +197,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     flat = {side: {} for side in sides}
     last_theirs = {}
-    for batch in SIZES:
+    for batch in args.sizes:
         per_side = {side: [] for side in sides}
         for r, side in alternate(sides, args.runs):
             print(f"batch {batch}, run {r + 1}: {side} ...", flush=True)
@@ -158,6 +215,8 @@ def main() -> None:
                     str(args.max_tokens),
                     "--num-crops",
                     str(args.num_crops),
+                    "--pictures",
+                    str(args.pictures),
                 ],
             )
             print(f"  {result}", flush=True)
@@ -171,27 +230,52 @@ def main() -> None:
                 row[f"batch_peak_gb_b{batch}"] = result["peak_gb"]
     runs = {side: list(flat[side].values()) for side in sides}
     fallbacks = {b: r.get("fallback") for b, r in last_theirs.items()}
-    names = [f"batch_{m}_b{b}" for b in SIZES for m in ("decode_tps", "images_per_min", "peak_gb")]
+    names = [
+        f"batch_{m}_b{b}" for b in args.sizes for m in ("decode_tps", "images_per_min", "peak_gb")
+    ]
     metrics = combine(runs, names)
     print(metric_table(metrics, sides))
-    speedup = (
-        metrics["batch_decode_tps_b8"]["phi3v_mlx"] / metrics["batch_decode_tps_b1"]["phi3v_mlx"]
-    )
+    first, last = min(args.sizes), max(args.sizes)
+    speedup = {
+        side: metrics[f"batch_decode_tps_b{last}"][side]
+        / metrics[f"batch_decode_tps_b{first}"][side]
+        for side in sides
+    }
+    layers = json.loads((args.checkpoint / "config.json").read_text())["num_hidden_layers"]
+    print("matrix products, 1 row against 8 ...", flush=True)
+    allowed = matmul_ratio(layers, rows=last, repeats=args.matmul_repeats)
+    step = {f"b{b}": b / metrics[f"batch_decode_tps_b{b}"]["phi3v_mlx"] for b in args.sizes}
     path = write_report(
         "batch",
         {
             "checkpoint": str(args.checkpoint),
+            "note": args.note,
             "runs": args.runs,
-            "images": 8,
+            "images": {f"b{b}": max(b, args.pictures) for b in args.sizes},
             "image_size": [1280, 960],
             "num_crops": args.num_crops,
             "max_tokens": args.max_tokens,
+            "decoder_layers": layers,
             "metrics": metrics,
-            "phi3v_mlx_b8_over_b1": speedup,
+            f"phi3v_mlx_b{last}_over_b{first}": speedup["phi3v_mlx"],
+            f"mlx_vlm_b{last}_over_b{first}": speedup["mlx_vlm"],
+            f"matmul_b{last}_over_b{first}_allowed": allowed["ratio_step"],
+            "phi3v_mlx_decode_step_s": step,
+            "load_average_at_end": os.getloadavg(),
+            "matmul": allowed,
             "mlx_vlm_batch_fallback": {f"b{b}": why for b, why in fallbacks.items() if why},
         },
     )
-    print(f"b8 / b1 (phi3v-mlx): {speedup:.2f}; wrote {path}")
+    print(
+        f"decode step (phi3v-mlx): b{first} {step[f'b{first}']:.3f} s, b{last} "
+        f"{step[f'b{last}']:.3f} s; its matrix products {allowed['step_seconds_1_row']:.3f} s "
+        f"and {allowed[f'step_seconds_{last}_rows']:.3f} s"
+    )
+    print(
+        f"b{last} / b{first} decode: phi3v-mlx {speedup['phi3v_mlx']:.2f}, "
+        f"mlx-vlm {speedup['mlx_vlm']:.2f}; the matrix products allow "
+        f"{allowed['ratio_step']:.2f}; wrote {path}"
+    )
 
 
 if __name__ == "__main__":
