@@ -408,7 +408,7 @@ def test_serve_command_binds_loopback_and_warns_otherwise(monkeypatch):
     monkeypatch.setattr(
         server,
         "serve",
-        lambda model, processor, settings, host, port: calls.append((host, port, settings)),
+        lambda model, processor, settings, host, port, group: calls.append((host, port, settings)),
     )
     tiny = str(Path(__file__).parent / "fixtures" / "models" / "tiny-phi35v")
     quiet = CliRunner().invoke(cli.app, ["serve", "--model", tiny, "--port", "9999"])
@@ -517,7 +517,7 @@ def test_models_are_listed_by_id_not_by_path(monkeypatch):
     from phi3v_mlx import cli, server
 
     calls = []
-    monkeypatch.setattr(server, "serve", lambda model, processor, settings, host, port:
+    monkeypatch.setattr(server, "serve", lambda model, processor, settings, host, port, group:
                         calls.append(settings))  # fmt: skip
     tiny = str(Path(__file__).parent / "fixtures" / "models" / "tiny-phi35v")
     assert CliRunner().invoke(cli.app, ["serve", "--model", tiny]).exit_code == 0
