@@ -267,7 +267,7 @@ def test_ctrl_c_in_chat_stops_the_answer_and_keeps_the_cache():
     """SIGINT mid-answer: the chat goes on, and the next turn reads only its own tokens."""
     image = IMAGES / "b_small.png"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "phi3v_mlx", "chat", "--model", TINY, "-m", "3000", "--verbose",
+        [sys.executable, "-m", "phi3v_mlx", "chat", "--model", TINY, "-m", "400", "--verbose",
          "--image", str(image), "--num-crops", "4"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -74,7 +74,7 @@ def trained(folder, data, iters=30, targets=TARGETS, fine_tune_type="lora", star
     return model, processor, reports, out
 
 
-@pytest.mark.parametrize("variant", ["tiny-phi3v", "tiny-phi35v"])
+@pytest.mark.parametrize("variant", ["tiny-phi35v"])  # tiny-phi3v: the same architecture
 def test_training_learns_the_answers(variant, data):
     model, processor, reports, _ = trained(MODELS / variant, data)
     losses = [r.train_loss for r in reports if r.train_loss is not None]
