@@ -256,29 +256,39 @@ def test_a_4bit_base_keeps_its_adapters_and_the_top_choice():
     assert int(mx.argmax(quantized.logits(h[:, -1:])[0, 0])) == int(gold["argmax"][-1])
 
 
+# The fixture's native names -> the Hub's remote-code names (what its remote code and mlx-vlm's
+# converter read): the image and audio parts, and the conformer's layers.
+HUB_NAMES = [
+    ("image_embed.global_img_feature_extensor", "image_embed.glb_GN"),
+    ("image_embed.sub_img_feature_extensor", "image_embed.sub_GN"),
+    ("image_embed.img_projection_up.", "image_embed.img_projection.0."),
+    ("image_embed.img_projection_down.", "image_embed.img_projection.2."),
+    ("audio_embed.up_proj_for_speech.", "audio_embed.audio_projection.speech.0."),
+    ("audio_embed.down_proj_for_speech.", "audio_embed.audio_projection.speech.2."),
+    ("audio_embed.up_proj_for_vision_speech.", "audio_embed.audio_projection.vision.0."),
+    ("audio_embed.down_proj_for_vision_speech.", "audio_embed.audio_projection.vision.2."),
+]
+HUB_ENCODER_NAMES = [
+    (".gate_up_proj.", ".net.0.linear."),
+    (".down_proj.", ".net.2."),
+    (".self_attn.q_proj.", ".self_attn.linear_q."),
+    (".self_attn.k_proj.", ".self_attn.linear_k."),
+    (".self_attn.v_proj.", ".self_attn.linear_v."),
+    (".self_attn.o_proj.", ".self_attn.linear_out."),
+]
+
+
 def remote_layout(weights):
-    """The fixture's tensors (adapters from its folders) as the Hub's remote code names them."""
-    renames = [
-        ("image_embed.global_img_feature_extensor", "image_embed.glb_GN"),
-        ("image_embed.sub_img_feature_extensor", "image_embed.sub_GN"),
-        ("image_embed.img_projection_up.", "image_embed.img_projection.0."),
-        ("image_embed.img_projection_down.", "image_embed.img_projection.2."),
-        ("audio_embed.up_proj_for_speech.", "audio_embed.audio_projection.speech.0."),
-        ("audio_embed.down_proj_for_speech.", "audio_embed.audio_projection.speech.2."),
-        ("audio_embed.up_proj_for_vision_speech.", "audio_embed.audio_projection.vision.0."),
-        ("audio_embed.down_proj_for_vision_speech.", "audio_embed.audio_projection.vision.2."),
-    ]
-    encoder = [
-        (".self_attn.q_proj.", ".self_attn.linear_q."),
-        (".feed_forward_in.gate_up_proj.", ".feed_forward_in.net.0.linear."),
-    ]
+    """The fixture's tensors (adapters from its folders) as the Hub's remote code names them:
+    the adapted decoder layers' own weights as ``base_layer``."""
     out = {}
     for name, value in weights.items():
-        for old, new in renames + (encoder if "audio_embed.encoder." in name else []):
+        encoder = "audio_embed.encoder." in name
+        for old, new in HUB_NAMES + (HUB_ENCODER_NAMES if encoder else []):
             name = name.replace(old, new)
-        for target in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-            if name.startswith("model.layers.") and name.endswith(f"{target}.weight"):
-                name = name.replace(f"{target}.weight", f"{target}.base_layer.weight")
+        if name.startswith("model.layers.") and "lora_" not in name:
+            for target in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                name = name.replace(f".{target}.weight", f".{target}.base_layer.weight")
         out[name] = value
     return out
 

@@ -20,31 +20,13 @@ from phi3v_mlx.generate import chat_prompt
 from phi3v_mlx.loader import load_model, read_weights, weight_files
 from phi3v_mlx.models.phi4mm import ModelConfig, extra_weights
 from phi3v_mlx.models.phi4mm.adapters import ADAPTERS, TARGETS, using
+from tests.test_phi4mm import remote_layout
 from tests.test_speech import speech_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "phi4mm"
 CHECKPOINT = FIXTURES / "models" / "tiny-phi4mm"
 IMAGE = FIXTURES / "images" / "d_tiny.png"
 CLIP = FIXTURES / "audio" / "speech16k_1p0s.wav"
-# The fixture's native names -> the Hub's remote-code names (what mlx-vlm's converter reads).
-HUB_NAMES = [
-    ("image_embed.global_img_feature_extensor", "image_embed.glb_GN"),
-    ("image_embed.sub_img_feature_extensor", "image_embed.sub_GN"),
-    ("image_embed.img_projection_up.", "image_embed.img_projection.0."),
-    ("image_embed.img_projection_down.", "image_embed.img_projection.2."),
-    ("audio_embed.up_proj_for_speech.", "audio_embed.audio_projection.speech.0."),
-    ("audio_embed.down_proj_for_speech.", "audio_embed.audio_projection.speech.2."),
-    ("audio_embed.up_proj_for_vision_speech.", "audio_embed.audio_projection.vision.0."),
-    ("audio_embed.down_proj_for_vision_speech.", "audio_embed.audio_projection.vision.2."),
-]
-HUB_ENCODER_NAMES = [
-    (".gate_up_proj.", ".net.0.linear."),
-    (".down_proj.", ".net.2."),
-    (".self_attn.q_proj.", ".self_attn.linear_q."),
-    (".self_attn.k_proj.", ".self_attn.linear_k."),
-    (".self_attn.v_proj.", ".self_attn.linear_v."),
-    (".self_attn.o_proj.", ".self_attn.linear_out."),
-]
 
 
 def hub_checkpoint(folder: Path) -> Path:
@@ -55,15 +37,7 @@ def hub_checkpoint(folder: Path) -> Path:
     values = json.loads((CHECKPOINT / "config.json").read_text())
     config = ModelConfig.from_dict(values)
     weights = {**read_weights(weight_files(CHECKPOINT)), **extra_weights(CHECKPOINT, config)}
-    hub = {}
-    for name, value in weights.items():
-        encoder = "audio_embed.encoder." in name
-        for old, new in HUB_NAMES + (HUB_ENCODER_NAMES if encoder else []):
-            name = name.replace(old, new)
-        if name.startswith("model.layers.") and "lora_" not in name:
-            for _, target in TARGETS:
-                name = name.replace(f".{target}.weight", f".{target}.base_layer.weight")
-        hub[name] = value.astype(mx.float32)
+    hub = {name: value.astype(mx.float32) for name, value in remote_layout(weights).items()}
     folder.mkdir(parents=True)
     mx.save_safetensors(str(folder / "model.safetensors"), hub)
     audio = values.pop("audio_config")
