@@ -28,6 +28,22 @@ fixture's generation config and (Phi-4-mini) stand-in tokenizer:
 
     python benchmarks/make_checkpoint.py --model phi-3-small-8k-instruct --dtype float32 \\
         --decoder-layers 4 --out /work/ckpt/phi3-small-4l-f32
+
+``--model phi-4-reasoning-vision-15b`` writes the Hub layout of ``phi4-siglip`` (the Phi-4
+decoder, 5120 wide, untied head; SigLIP-2 so400m-patch16-naflex with its pooling head; the
+``mlp2x_gelu`` projector), the real config keys and chat template of the test fixture, and
+Phi-4's tokenizer rebuilt from cl100k_base with the chat's special tokens at Phi-4's ids:
+
+    python benchmarks/make_checkpoint.py --model phi-4-reasoning-vision-15b --dtype float32 \\
+        --decoder-layers 2 --out /work/ckpt/phi4rv-2l-f32
+
+``--model phi-4-mini-instruct`` and ``--model phi-3-small-8k-instruct`` write the text models
+(``phi3`` with partial rotary and tied embeddings; ``phi3small``): the keys of the tiny text
+fixture's config.json with the real sizes, tensors named and shaped from that config, the
+fixture's generation config and (Phi-4-mini) stand-in tokenizer:
+
+    python benchmarks/make_checkpoint.py --model phi-3-small-8k-instruct --dtype float32 \\
+        --decoder-layers 4 --out /work/ckpt/phi3-small-4l-f32
 """
 
 from __future__ import annotations
@@ -50,6 +66,17 @@ STAND_IN_TOKENIZER = ROOT / "tests" / "fixtures" / "text" / "models" / "tiny-phi
 NEAR_ONE = re.compile(r"(norm|layrnorm|layer_norm\d|layer_norm_att)\.weight$|global_invstd$")
 PHI4MM = "phi-4-multimodal-instruct"
 PLACEHOLDERS = {200010: "<|endoftext10|>", 200011: "<|endoftext11|>"}
+PHI4RV = "phi-4-reasoning-vision-15b"
+PHI4RV_FIXTURE = ROOT / "tests" / "fixtures" / "phi4rv" / "models" / "tiny-phi4rv"
+CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+# The chat's special tokens at Phi-4's ids (the phi4rv fixture README's; </think> the id after
+# <think>, as in Phi-4-reasoning).
+PHI4RV_SPECIAL = {"<|endoftext|>": 100257, "<|im_start|>": 100264, "<|im_end|>": 100265,
+                  "<|im_sep|>": 100266, "<think>": 100280, "</think>": 100281,
+                  "<|dummy_84|>": 100348, "<|dummy_85|>": 100349}  # fmt: skip
 
 
 def tensor_list(
@@ -341,6 +368,83 @@ TEXT_MODELS = {
 }
 
 
+def phi4rv_tensors(
+    decoder_layers: int | None, vision_layers: int | None
+) -> list[tuple[str, tuple]]:
+    """Phi-4-reasoning-vision-15B's tensors as the Hub repository names them: the Phi-4 decoder
+    (untied head), the ``mlp2x_gelu`` projector and SigLIP-2 so400m-patch16-naflex with its
+    post-layernorm and pooling head; only the first layers of each when asked."""
+    hidden, kv, mlp, vocab = 5120, 10 * 128, 17920, 100352  # 40 heads and 10 KV heads of 128
+    vit, vit_mlp, patch = 1152, 4304, 16 * 16 * 3
+
+    def biased(name: str, *shape: int) -> list[tuple[str, tuple]]:
+        return [(f"{name}.weight", shape), (f"{name}.bias", shape[:1])]
+
+    out = [("model.embed_tokens.weight", (vocab, hidden)), ("lm_head.weight", (vocab, hidden))]
+    for i in range(40 if decoder_layers is None else decoder_layers):
+        layer = f"model.layers.{i}."
+        out += [(f"{layer}{n}_layernorm.weight", (hidden,)) for n in ("input", "post_attention")]
+        out += [(layer + "self_attn.qkv_proj.weight", (hidden + 2 * kv, hidden)),
+                (layer + "self_attn.o_proj.weight", (hidden, hidden)),
+                (layer + "mlp.gate_up_proj.weight", (2 * mlp, hidden)),
+                (layer + "mlp.down_proj.weight", (hidden, mlp))]  # fmt: skip
+    out.append(("model.norm.weight", (hidden,)))
+    out += biased("model.mm_projector.0", hidden, vit) + biased(
+        "model.mm_projector.2", hidden, hidden
+    )
+    tower = "model.vision_tower.vision_tower.vision_model."
+    out += biased(tower + "embeddings.patch_embedding", vit, patch)
+    out.append((tower + "embeddings.position_embedding.weight", (256, vit)))
+    for i in range(27 if vision_layers is None else vision_layers):
+        layer = f"{tower}encoder.layers.{i}."
+        out += biased(layer + "layer_norm1", vit) + biased(layer + "layer_norm2", vit)
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out += biased(f"{layer}self_attn.{proj}", vit, vit)
+        out += biased(layer + "mlp.fc1", vit_mlp, vit) + biased(layer + "mlp.fc2", vit, vit_mlp)
+    head = tower + "head."
+    out += biased(tower + "post_layernorm", vit) + biased(head + "layernorm", vit)
+    out += [(head + "probe", (1, 1, vit)), (head + "attention.in_proj_weight", (3 * vit, vit))]
+    out += [(head + "attention.in_proj_bias", (3 * vit,))]
+    out += biased(head + "attention.out_proj", vit, vit)
+    out += biased(head + "mlp.fc1", vit_mlp, vit) + biased(head + "mlp.fc2", vit, vit_mlp)
+    return out
+
+
+def phi4rv_config(decoder_layers: int | None, vision_layers: int | None, dtype: str) -> dict:
+    """The Hub's config.json: the tiny fixture's (the real key set and values) with the real
+    sizes put back."""
+    config = json.loads((PHI4RV_FIXTURE / "config.json").read_text())
+    config.update(hidden_size=5120, intermediate_size=17920, num_attention_heads=40,
+                  num_key_value_heads=10, num_hidden_layers=decoder_layers or 40,
+                  mm_hidden_size=1152, dtype=dtype)  # fmt: skip
+    config["vision_config"].update(hidden_size=1152, intermediate_size=4304,
+                                   num_attention_heads=16,
+                                   num_hidden_layers=vision_layers or 27)  # fmt: skip
+    return config
+
+
+def write_phi4rv_files(out: Path) -> None:
+    """The real chat template, generation and preprocessor configs (the fixture's copies) and
+    Phi-4's tokenizer rebuilt (its files are not public): cl100k_base from the ``tiktoken``
+    package's local rank file, then the 96 added ids, the chat's special tokens at Phi-4's ids
+    and placeholders between them."""
+    import tiktoken_ext
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    for name in ("chat_template.jinja", "generation_config.json", "preprocessor_config.json"):
+        shutil.copy2(PHI4RV_FIXTURE / name, out / name)
+    ranks = [Path(d) / "data" / "cl100k_base.tiktoken" for d in tiktoken_ext.__path__]
+    tokenizer = TikTokenConverter(vocab_file=str(next(p for p in ranks if p.is_file())),
+                                  pattern=CL100K_PATTERN).converted()  # fmt: skip
+    names = {token_id: name for name, token_id in PHI4RV_SPECIAL.items()}
+    first = tokenizer.get_vocab_size()  # 100256: the added ids follow
+    tokenizer.add_special_tokens([names.get(i, f"<|reserved_{i}|>") for i in range(first, 100352)])
+    tokenizer.save(str(out / "tokenizer.json"))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
+                "eos_token": "<|im_end|>", "pad_token": "<|dummy_85|>"}  # fmt: skip
+    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def write_checkpoint(
     args: argparse.Namespace,
     names: list[tuple[str, tuple]],
@@ -367,7 +471,7 @@ def write_checkpoint(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    models = ["phi-3.5-vision-instruct", "phi-3-vision-128k-instruct", PHI4MM]
+    models = ["phi-3.5-vision-instruct", "phi-3-vision-128k-instruct", PHI4MM, PHI4RV]
     models += list(TEXT_MODELS)
     parser.add_argument("--model", default=models[0], choices=models)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
@@ -387,6 +491,13 @@ def main(argv: list[str] | None = None) -> None:
         fixture, make_config, make_tensors = TEXT_MODELS[args.model]
         config = make_config(args.decoder_layers, args.dtype)
         write_checkpoint(args, make_tensors(config), config, fixture_files(fixture))
+        return
+    if args.model == PHI4RV:
+        if args.text:
+            parser.error(f"{PHI4RV} takes no --text")
+        config = phi4rv_config(args.decoder_layers, args.vision_layers, args.dtype)
+        names = phi4rv_tensors(args.decoder_layers, args.vision_layers)
+        write_checkpoint(args, names, config, write_phi4rv_files)
         return
     if args.model == PHI4MM:
         if args.text or args.vision_layers is not None:
