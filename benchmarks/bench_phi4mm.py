@@ -35,6 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from bench import make_images
 from common import alternate, combine, machine, metric_table, run_worker, write_report
 
 HERE = Path(__file__).resolve()
@@ -52,19 +53,6 @@ METRICS = {
 def chat(tag: str, question: str) -> str:
     """One user turn in Phi-4's chat format (the checkpoint's template renders the same)."""
     return f"<|user|>{tag}{question}<|end|><|assistant|>"
-
-
-def make_image(folder: Path) -> Path:
-    """A deterministic 1280x960 picture (gradients, a checkerboard, a disc)."""
-    from PIL import Image
-
-    w, h = 1280, 960
-    y, x = np.mgrid[0:h, 0:w]
-    rgb = np.stack([x * 255 // w, y * 255 // h, ((x // 40 + y // 40) % 2) * 200], -1)
-    rgb[(x - w // 3) ** 2 + (y - h // 2) ** 2 < (h // 5) ** 2] = (220, 50, 40)
-    path = folder / "landscape.png"
-    Image.fromarray(rgb.astype(np.uint8)).save(path)
-    return path
 
 
 def make_clip(folder: Path, seconds: int) -> Path:
@@ -232,7 +220,7 @@ def worker(side: str, scenario: str, checkpoint: Path, max_tokens: int) -> dict:
         return lib.positions(prompt, image, chunks[0])
 
     if scenario == "images":
-        image = make_image(folder)
+        image = make_images(folder)["landscape"]
 
         def one_image() -> None:
             tokens = answer(chat("<|image_1|>", QUESTION), image, None, max_tokens, "image_ttft")

@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
+from bench import make_images
 from common import alternate, combine, metric_table, run_worker, write_report
 
 SIDES = ("phi3v_mlx", "mlx_vlm")
@@ -55,19 +55,6 @@ PROCESSOR = (
     "the tokenizer at every level, until a RecursionError, then tries the Hub's remote code "
     "(OSError: no processing_phi4_visionr.py; on the Hub it needs PyTorch too)"
 )
-
-
-def landscape(folder: Path) -> Path:
-    """A deterministic 1280x960 picture (the image of ``bench.py``)."""
-    from PIL import Image
-
-    w, h = 1280, 960
-    y, x = np.mgrid[0:h, 0:w]
-    rgb = np.stack([x * 255 // w, y * 255 // h, ((x // 40 + y // 40) % 2) * 200], -1)
-    rgb[(x - w // 3) ** 2 + (y - h // 2) ** 2 < (h // 5) ** 2] = (220, 50, 40)
-    path = folder / "landscape.png"
-    Image.fromarray(rgb.astype(np.uint8)).save(path)
-    return path
 
 
 def prompt_text(checkpoint: Path) -> str:
@@ -189,7 +176,7 @@ def worker(side: str, checkpoint: Path, max_tokens: int) -> dict:
     from phi3v_mlx.backend import blas_library
     from phi3v_mlx.models.phi4rv.images import ImageProcessor
 
-    image = landscape(Path(tempfile.mkdtemp()))
+    image = make_images(Path(tempfile.mkdtemp()))["landscape"]
     prompt = prompt_text(checkpoint)
     start = time.perf_counter()
     lib = (Phi3vMlx if side == "phi3v_mlx" else MlxVlm)(checkpoint)
