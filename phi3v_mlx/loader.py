@@ -259,8 +259,9 @@ def load(
     return model, load_processor(path)
 
 
-def load_processor(path: Path) -> Processor:
+def load_processor(path: str | Path) -> Processor:
     """The processor of a local checkpoint folder (its tokenizer, stop ids and media settings)."""
+    path = Path(path)
     config = model_config(path)
     try:
         return architecture(config.model_type).load_processor(path, config)
