@@ -13,7 +13,7 @@ import phi3v_mlx
 from phi3v_mlx import loader
 from phi3v_mlx.config import ConfigError
 from phi3v_mlx.loader import LoadError
-from tests.conftest import MODELS
+from tests.conftest import MODELS, TEXT
 
 TINY = MODELS / "tiny-phi3v"
 
@@ -167,3 +167,8 @@ def test_quantized_checkpoint_loads(tmp_path):
     assert not isinstance(loaded.vision.projection.linear_1, nn.QuantizedLinear)
     ids = mx.array([[1, 32010, 29871, 13, 10994, 29892]])
     np.testing.assert_allclose(np.array(loaded(ids)), np.array(model(ids)), atol=1e-5)
+
+
+def test_a_processor_loads_from_a_folder_named_by_a_string():
+    folder = TEXT / "models" / "tiny-phi4-mini"
+    assert loader.load_processor(str(folder)).stop_ids == loader.load_processor(folder).stop_ids
