@@ -36,14 +36,6 @@ Phi-4's tokenizer rebuilt from cl100k_base with the chat's special tokens at Phi
 
     python benchmarks/make_checkpoint.py --model phi-4-reasoning-vision-15b --dtype float32 \\
         --decoder-layers 2 --out /work/ckpt/phi4rv-2l-f32
-
-``--model phi-4-mini-instruct`` and ``--model phi-3-small-8k-instruct`` write the text models
-(``phi3`` with partial rotary and tied embeddings; ``phi3small``): the keys of the tiny text
-fixture's config.json with the real sizes, tensors named and shaped from that config, the
-fixture's generation config and (Phi-4-mini) stand-in tokenizer:
-
-    python benchmarks/make_checkpoint.py --model phi-3-small-8k-instruct --dtype float32 \\
-        --decoder-layers 4 --out /work/ckpt/phi3-small-4l-f32
 """
 
 from __future__ import annotations
