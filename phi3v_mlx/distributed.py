@@ -50,8 +50,16 @@ def launch_group() -> mx.distributed.Group | None:
 
 def shard_model(model: Any, group: mx.distributed.Group) -> None:
     """Split ``model`` (lazily loaded: nothing read yet) across the ranks of ``group``, and seed
-    MLX's global generator alike on every rank so unseeded sampling draws the same tokens."""
+    this thread's generator alike on every rank (:func:`seed_alike`)."""
     model.shard(group)
+    seed_alike(group)
+
+
+def seed_alike(group: mx.distributed.Group) -> None:
+    """Seed the calling thread's MLX generator alike on every rank of ``group``, so unseeded
+    sampling draws the same tokens on every rank. MLX keeps one generator per thread: a thread
+    that samples for a split model, other than the one that loaded it, calls this first (on
+    every rank, as every collective is called)."""
     seed = mx.random.randint(0, 2**31 - 1) if group.rank() == 0 else mx.array(0, mx.int32)
     mx.random.seed(int(mx.distributed.all_sum(seed, group=group, stream=mx.cpu).item()))
 

@@ -6,6 +6,7 @@ and rank 0 prints one JSON line per variant comparing the two (logits, greedy to
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,7 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 import phi3v_mlx
-from phi3v_mlx.distributed import launch_group
+from phi3v_mlx.distributed import launch_group, seed_alike
 from phi3v_mlx.models.phi3 import Model as TextModel
 from phi3v_mlx.models.phi3 import TextConfig
 
@@ -71,6 +72,25 @@ def repeated_kv_heads(group) -> dict:
     return compare("repeated-kv-heads", *models, processor, None)
 
 
+def thread_draws(group) -> dict:
+    """Unseeded draws in a new thread (MLX's generator is per thread), seeded alike or not,
+    as every rank made them."""
+    draws = {}
+
+    def draw(alike: bool) -> None:
+        if alike:
+            seed_alike(group)
+        draws["alike" if alike else "unseeded"] = mx.random.randint(0, 2**31 - 1, (4,)).tolist()
+
+    for alike in (False, True):
+        thread = threading.Thread(target=draw, args=(alike,))
+        thread.start()
+        thread.join()
+    gathered = {k: mx.distributed.all_gather(mx.array([v]), group=group, stream=mx.cpu).tolist()
+                for k, v in draws.items()}  # fmt: skip
+    return {"name": "thread-draws", **gathered}
+
+
 def main() -> None:
     group = launch_group()
     assert group is not None and group.size() == 2, "run under mlx.launch -n 2"
@@ -81,6 +101,7 @@ def main() -> None:
         checkpoint("phimoe", TEXT_MODELS / "tiny-phi35-moe", group),
         *(checkpoint(path.name, path, group) for path in quantized),
         repeated_kv_heads(group),
+        thread_draws(group),
     ]
     if group.rank() == 0:
         for result in results:

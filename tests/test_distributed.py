@@ -66,6 +66,14 @@ def test_split_model_gives_the_logits_and_tokens_of_one_process(results, name):
     assert result["split_layer_bytes"] < 0.6 * result["layer_bytes"]
 
 
+def test_a_sampling_thread_seeded_alike_draws_alike_on_every_rank(results):
+    """MLX's generator is per thread: a server's engine thread draws what the other ranks draw
+    only once seeded alike (unseeded, each rank draws its own)."""
+    draws = results["thread-draws"]
+    assert draws["alike"][0] == draws["alike"][1]
+    assert draws["unseeded"][0] != draws["unseeded"][1]
+
+
 def test_generate_and_chat_under_mlx_launch_print_once_what_one_process_prints():
     model = str(TEXT_MODELS / "tiny-phi3-4k")
     common = ["--model", model, "--max-tokens", "8", "--dtype", "float32"]
@@ -82,7 +90,7 @@ def test_generate_and_chat_under_mlx_launch_print_once_what_one_process_prints()
     assert split.stdout == alone.stdout and len(alone.stdout.splitlines()) == 2
 
 
-def test_serve_under_mlx_launch_answers_as_one_process():
+def test_serve_under_mlx_launch_answers_as_one_process(tmp_path):
     """Rank 0 listens, rank 1 replays its engine: concurrent answers (an image streamed, a
     text, an unseeded sampled one) are one process's, a follow-up on the sampled answer reuses
     a cache both ranks filled alike, and an interrupt stops every rank."""
@@ -90,9 +98,11 @@ def test_serve_under_mlx_launch_answers_as_one_process():
     command = [str(LAUNCHER), "--backend", "ring", "-n", "2", "--", sys.executable, "-m",
                "phi3v_mlx", "serve", "--model", str(MODELS / "tiny-phi35v"), "--port", str(port),
                "--dtype", "float32"]  # fmt: skip
-    ranks = subprocess.Popen(command, cwd=str(ROOT), start_new_session=True, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    output = tmp_path / "ranks.log"  # a file: a pipe nobody reads would stall the launcher
+    with output.open("w") as log:
+        ranks = subprocess.Popen(command, cwd=str(ROOT), start_new_session=True, stdout=log,
+                                 stderr=subprocess.STDOUT,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300
@@ -130,12 +140,24 @@ def test_serve_under_mlx_launch_answers_as_one_process():
         assert again.usage.prompt_tokens_details.cached_tokens > 0
         assert again.choices[0].message.content == reference(follow_up, [], 8).text
     finally:
-        os.killpg(ranks.pid, signal.SIGINT)
+        interrupt_ranks(ranks.pid)
         try:
             ranks.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(ranks.pid, signal.SIGKILL)
-            raise AssertionError("the ranks did not stop on an interrupt") from None
+            tail = output.read_text()[-3000:]
+            raise AssertionError(f"the ranks did not stop on an interrupt:\n{tail}") from None
+
+
+def interrupt_ranks(launcher: int) -> None:
+    """Ctrl-C as the terminal sends it, to every process of the launcher's group but the
+    launcher itself: mlx.launch 0.32.4 can hang on its own interrupt even once its ranks have
+    exited (its output threads never finish; about 1 run in 30 here), so the test leaves it to
+    end by itself when its ranks do."""
+    found = subprocess.run(["pgrep", "-g", str(launcher)], capture_output=True, text=True)
+    for pid in map(int, found.stdout.split()):
+        if pid != launcher:
+            os.kill(pid, signal.SIGINT)
 
 
 class Group:

@@ -339,4 +339,5 @@ def serve(
         follow(model, processor, settings, group)
         return
     app = create_app(model, processor, settings, group)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Ctrl-C waits at most a few seconds for open streams (a chat page left open) to end.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

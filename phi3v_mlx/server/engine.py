@@ -16,7 +16,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 
 from ..batch import BatchEngine, Request, RowEvent
-from ..distributed import broadcast_object
+from ..distributed import broadcast_object, seed_alike
 from ..generate import SamplingOptions
 from ..models.base import DecoderModel
 from ..processor import Processor
@@ -131,6 +131,8 @@ class EngineThread(threading.Thread):
                            interleave=True, features=self.store)  # fmt: skip
 
     def run(self) -> None:
+        if self.group is not None:  # the followers sample alike (MLX's generator is per thread)
+            seed_alike(self.group)
         self.drive(self._next_commands)
 
     def drive(self, next_commands: Callable[[bool], list[Command] | None]) -> None:
@@ -238,6 +240,7 @@ def follow(
     """Run a rank other than the first of a split server: replay rank 0's engine commands, step
     for step, until rank 0 stops (an interrupt is rank 0's to handle)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seed_alike(group)  # with rank 0's engine thread
     replica = EngineThread(model, processor, settings)
     replica.drive(lambda busy: replay(None, group))
 
