@@ -142,7 +142,8 @@ class MlxVlm:
         def without_images(path, **kwargs):
             from transformers import AutoTokenizer
 
-            return processing.Phi4SigLipProcessor(None, AutoTokenizer.from_pretrained(path))
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # no prompt
+            return processing.Phi4SigLipProcessor(None, tokenizer)
 
         processing.Phi4SigLipProcessor.from_pretrained = without_images
         try:

@@ -23,13 +23,18 @@ def machine() -> str:
 
 
 def run_worker(script: Path, args: Sequence[str], timeout: float | None = None) -> dict:
-    """Run ``script --worker ...`` in a fresh process; its last stdout line is its JSON."""
+    """Run ``script --worker ...`` in a fresh process; its last stdout line that starts with
+    ``{`` is its JSON."""
     done = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout
     )
     if done.returncode != 0:
         raise SystemExit(f"error: worker {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    found = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not found:  # the worker's libraries may print after it (its JSON is one line)
+        raise SystemExit(f"error: worker {' '.join(args)} printed no result:\n"
+                         f"{done.stdout[-3000:]}")  # fmt: skip
+    return json.loads(found[-1])
 
 
 def alternate(sides: Sequence[str], runs: int) -> list[tuple[int, str]]:
