@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from bench_batch import make_images
-from common import run_worker, write_report
+from common import print_result, run_worker, write_report
 
 
 def worker(checkpoint: Path, checkpointing: bool, text: bool) -> dict:
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=["plain", "checkpointed"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.checkpoint, args.worker == "checkpointed", args.text)))
+        print_result(worker(args.checkpoint, args.worker == "checkpointed", args.text))
         return
     results = {}
     for mode in ("checkpointed", "plain"):

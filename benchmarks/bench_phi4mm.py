@@ -36,7 +36,7 @@ from types import SimpleNamespace
 
 import numpy as np
 from bench import make_images
-from common import alternate, combine, machine, metric_table, run_worker, write_report
+from common import alternate, combine, machine, metric_table, print_result, run_worker, write_report
 
 HERE = Path(__file__).resolve()
 SIDES = ("phi3v_mlx", "mlx_vlm")
@@ -286,8 +286,7 @@ def main() -> None:
 
     if args.worker:
         result = worker(args.worker, args.scenario, args.checkpoint, args.max_tokens)
-        print(json.dumps(result))
-        return
+        print_result(result)
     if args.scenario == "transcribe":
         result = transcribe_rtf(args.checkpoint, args.max_tokens)
         print(f"phi3v transcribe, 5 min clip: {result}")

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench import make_images
-from common import alternate, combine, metric_table, run_worker, write_report
+from common import alternate, combine, metric_table, print_result, run_worker, write_report
 
 SIDES = ("phi3v_mlx", "mlx_vlm")
 NAMES = ["load_s", "ttft_s", "decode_tps", "decode_s_per_token", "peak_gb", "rss_gb"]
@@ -293,7 +293,7 @@ def main() -> None:
     if args.extrapolate:
         extrapolate(args.extrapolate)
     elif args.worker:
-        print(json.dumps(worker(args.worker, args.checkpoint[0], args.max_tokens)))
+        print_result(worker(args.worker, args.checkpoint[0], args.max_tokens))
     elif args.checkpoint:
         files = [measure(checkpoint, args) for checkpoint in args.checkpoint]
         if len(files) == 2:

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import write_report
+from common import print_result, write_report
 
 CONFIGS = {
     "q4_stored": ("quantized", None),
@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         dtype = None if args.worker[1] == "stored" else args.worker[1]
-        print(json.dumps(worker(Path(args.worker[0]), dtype, args.prompt_tokens, args.max_tokens)))
+        print_result(worker(Path(args.worker[0]), dtype, args.prompt_tokens, args.max_tokens))
         return
     metrics = {}
     for name, (kind, dtype) in CONFIGS.items():

@@ -17,14 +17,13 @@ both sides must give the same tokens (checked).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from bench_batch import make_images
-from common import alternate, combine, metric_table, run_worker, write_report
+from common import alternate, combine, metric_table, print_result, run_worker, write_report
 
 TALK = "Tell me a long story about a lighthouse keeper."
 QUESTION = "Describe this image."
@@ -91,7 +90,7 @@ def main() -> None:
     parser.add_argument("--images")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args)))
+        print_result(worker(args))
         return
     runs = {"pieces": [], "whole": []}
     with tempfile.TemporaryDirectory() as folder:

@@ -13,12 +13,11 @@ uses the short rope factors, as the reference does, and mlx-lm the long ones: th
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 from pathlib import Path
 
-from common import alternate, combine, metric_table, run_worker, write_report
+from common import alternate, combine, metric_table, print_result, run_worker, write_report
 
 NAMES = ["load_s", "load_peak_gb", "prefill_tps", "decode_tps"]
 
@@ -76,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     ids = prompt_ids(args.checkpoint, args.prompt_tokens)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.checkpoint, ids, args.max_tokens)))
+        print_result(worker(args.worker, args.checkpoint, ids, args.max_tokens))
         return
     sides = ["phi3v_mlx", "mlx_lm"]
     runs = {side: [] for side in sides}

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench_text import timed
-from common import alternate, combine, metric_table, run_worker, write_report
+from common import alternate, combine, metric_table, print_result, run_worker, write_report
 
 NAMES = ["load_s", "prefill_s", "prefill_tps", "decode_tps", "peak_gb"]
 OURS, PEER, DENSE = "phi3v_mlx", "mlx_lm", "phi3v_mlx_dense"
@@ -123,8 +123,7 @@ def main() -> None:
         result = worker(
             args.worker, args.checkpoint, ids, args.max_tokens, args.mlx_lm_prefill_step
         )
-        print(json.dumps(result))
-        return
+        print_result(result)
     config = json.loads((args.checkpoint / "config.json").read_text())
     sides = [OURS, PEER] + ([DENSE] if args.dense else [])
     runs = {side: [] for side in sides}

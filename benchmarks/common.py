@@ -22,6 +22,15 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
 
 
+def print_result(result: dict) -> None:
+    """A worker's last act: its JSON line on stdout, then the process ends at once, without the
+    exit handlers (a preloaded OpenBLAS can hang at exit joining its threads: seen with mlx-lm's
+    side of bench_text_family, whose parent then waited for ever)."""
+    print(json.dumps(result), flush=True)
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_worker(script: Path, args: Sequence[str], timeout: float | None = None) -> dict:
     """Run ``script --worker ...`` in a fresh process; its last stdout line that starts with
     ``{`` is its JSON."""
