@@ -26,24 +26,20 @@ def print_result(result: dict) -> None:
     """A worker's last act: its JSON line on stdout, then the process ends at once, without the
     exit handlers (a preloaded OpenBLAS can hang at exit joining its threads: seen with mlx-lm's
     side of bench_text_family, whose parent then waited for ever)."""
-    print(json.dumps(result), flush=True)
+    print("\n" + json.dumps(result), flush=True)  # on a line of its own, whatever came before
     sys.stderr.flush()
     os._exit(0)
 
 
 def run_worker(script: Path, args: Sequence[str], timeout: float | None = None) -> dict:
-    """Run ``script --worker ...`` in a fresh process; its last stdout line that starts with
-    ``{`` is its JSON."""
+    """Run ``script --worker ...`` in a fresh process; its last stdout line is its JSON
+    (:func:`print_result`)."""
     done = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout
     )
     if done.returncode != 0:
         raise SystemExit(f"error: worker {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    found = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if not found:  # the worker's libraries may print after it (its JSON is one line)
-        raise SystemExit(f"error: worker {' '.join(args)} printed no result:\n"
-                         f"{done.stdout[-3000:]}")  # fmt: skip
-    return json.loads(found[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def alternate(sides: Sequence[str], runs: int) -> list[tuple[int, str]]:
