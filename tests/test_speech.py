@@ -224,6 +224,37 @@ def test_server_transcribes_as_phi3v_transcribe(loaded, server, checkpoint):
     assert reply.text == "".join(c.text for c in english)
 
 
+MODALITIES = {"text": ((), ()), "image": ((IMAGE,), ()), "audio": ((), (SHORT,)),
+              "image and audio": ((IMAGE,), (SHORT,))}  # fmt: skip
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_each_modality_answers_as_generate_through_the_cli_and_the_server(
+    loaded, checkpoint, server, modality
+):
+    images, audios = MODALITIES[modality]
+    expected = answer(loaded, QUESTION, [Image.open(i) for i in images], audios).text
+    media = [*(f for i in images for f in ("--image", str(i))),
+             *(f for a in audios for f in ("--audio", str(a)))]  # fmt: skip
+    out = run_cli(["generate", "--model", str(checkpoint), "--dtype", "float32",
+                   "--max-tokens", "6", *media, "-p", QUESTION])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert out.stdout.strip() == expected.strip()
+
+    def encoded(path):
+        return base64.b64encode(path.read_bytes()).decode()
+
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + encoded(i)}}
+             for i in images]  # fmt: skip
+    parts += [{"type": "input_audio", "input_audio": {"data": encoded(a), "format": "wav"}}
+              for a in audios]  # fmt: skip
+    parts.append({"type": "text", "text": QUESTION})
+    reply = client(server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=6, temperature=0
+    )
+    assert reply.choices[0].message.content == expected
+
+
 def test_server_chat_input_audio_equals_generate_with_the_image_first(loaded, server):
     encoded = base64.b64encode(SHORT.read_bytes()).decode()
     image = "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
