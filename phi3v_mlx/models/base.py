@@ -118,6 +118,20 @@ class DecoderModel(nn.Module):
         """Last-position logits of one step of a batch over mlx-lm's batch cache."""
         return self.language.batch_logits(embeddings, cache)
 
+    def mixed(
+        self,
+        embeddings: mx.array,
+        cache: PromptCache,
+        batch_embeddings: mx.array,
+        batch_cache: list[Any],
+    ) -> tuple[mx.array, mx.array]:
+        """A piece of one sequence's prompt and a batch step: the piece's hidden states (as
+        :meth:`hidden`) and the batch's logits (as :meth:`batch_logits`), in one forward where
+        the decoder can read them together (so the step costs no weight read of its own)."""
+        if hasattr(self.language, "mixed"):
+            return self.language.mixed(embeddings, cache, batch_embeddings, batch_cache)
+        return self.hidden(embeddings, cache), self.batch_logits(batch_embeddings, batch_cache)
+
     def training_hidden(
         self, embeddings: mx.array, lengths: list[int], checkpoint: bool = False
     ) -> mx.array:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -166,6 +167,19 @@ class Rotation:
     mscale: float | mx.array
 
 
+@dataclass
+class Span:
+    """Rows that one forward over the decoder reads together: their input embeddings
+    [B, L, hidden] at positions ``offset``.. (one per row, or shared) of their layer caches
+    (None: no cache), rotated by ``rotation``, and the attention mask the forward gives them."""
+
+    h: mx.array
+    caches: Sequence[Any] | None
+    offset: int | mx.array
+    rotation: Rotation
+    mask: Any = None
+
+
 class SuScaledRope:
     """Rotary frequencies for short and long sequences, and the threshold between them."""
 
@@ -242,10 +256,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_width, dims, bias=bias)
         self.rope = rope
 
-    def __call__(
-        self, x: mx.array, mask: Any, cache: Any, offset: int | mx.array, rotation: Rotation
-    ) -> mx.array:
-        B, L, _ = x.shape
+    def __call__(self, x: mx.array, spans: Sequence[Span], layer: int) -> mx.array:
+        """Attention output for ``x``: one span's rows [B, L, hidden], or several spans'
+        positions one after another [1, N, hidden], each span attending over its own cache."""
         if "qkv_proj" in self:
             q_end = self.n_heads * self.head_dim
             q, k, v = mx.split(
@@ -253,6 +266,22 @@ class Attention(nn.Module):
             )
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if len(spans) == 1:
+            return self.o_proj(self._attend(q, k, v, spans[0], layer))
+        outs, start = [], 0
+        for span in spans:
+            rows, length = span.h.shape[:2]
+            end = start + rows * length
+            part = [t[:, start:end].reshape(rows, length, -1) for t in (q, k, v)]
+            outs.append(self._attend(*part, span, layer).reshape(1, end - start, -1))
+            start = end
+        return self.o_proj(mx.concatenate(outs, axis=1))
+
+    def _attend(self, q: mx.array, k: mx.array, v: mx.array, span: Span, layer: int) -> mx.array:
+        """Attention [B, L, heads x head_dim] of one span's projections [B, L, width]."""
+        B, L, _ = q.shape
+        cache = span.caches[layer] if span.caches else None
+        offset, rotation = span.offset, span.rotation
         q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -268,8 +297,8 @@ class Attention(nn.Module):
             scale *= rotation.mscale**2
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=span.mask)
+        return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
 class MLP(nn.Module):
@@ -324,10 +353,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = _norm(config)
         self.post_attention_layernorm = _norm(config)
 
-    def __call__(
-        self, x: mx.array, mask: Any, cache: Any, offset: int | mx.array, rotation: Rotation
-    ) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), mask, cache, offset, rotation)
+    def __call__(self, x: mx.array, spans: Sequence[Span], layer: int) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), spans, layer)
         feed_forward = self.block_sparse_moe if "block_sparse_moe" in self else self.mlp
         return x + feed_forward(self.post_attention_layernorm(x))
 
@@ -366,22 +393,30 @@ class LanguageModel(nn.Module):
         kept = self.config.original_max_position_embeddings if self.config.rope_scaling else 0
         return PromptCache(layers, RopeState(kept))
 
-    def run(
-        self,
-        h: mx.array,
-        layer_caches: list[Any] | None,
-        offset: int | mx.array,
-        rotation: Rotation,
-    ) -> mx.array:
-        """The decoder layers and the final norm over input embeddings ``h`` [B, L, hidden] at
-        positions ``offset``.., with the given rotary embedding."""
-        layer_caches = layer_caches or [None] * len(self.layers)
-        mask = create_attention_mask(
-            h, layer_caches[0], window_size=self._window(h, layer_caches[0])
-        )
-        for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
-            h = layer(h, mask, layer_cache, offset, rotation)
-        return self.norm(h)
+    def run(self, spans: Sequence[Span]) -> list[mx.array]:
+        """The decoder layers and the final norm over each span's input embeddings, in one
+        forward: every position of every span goes through each linear together, and each span
+        attends over its own cache. Returns the spans' hidden states [B, L, hidden]."""
+        for span in spans:
+            first = span.caches[0] if span.caches else None
+            span.mask = create_attention_mask(
+                span.h, first, window_size=self._window(span.h, first)
+            )
+        if len(spans) == 1:
+            h = spans[0].h
+        else:
+            h = mx.concatenate([span.h.reshape(1, -1, span.h.shape[-1]) for span in spans], 1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, spans, i)
+        h = self.norm(h)
+        if len(spans) == 1:
+            return [h]
+        outs, start = [], 0
+        for span in spans:
+            rows, length = span.h.shape[:2]
+            outs.append(h[:, start : start + rows * length].reshape(rows, length, -1))
+            start += rows * length
+        return outs
 
     def _window(self, h: mx.array, layer_cache: Any) -> int | None:
         """The sliding window, when the keys of this forward can reach beyond it."""
@@ -397,9 +432,14 @@ class LanguageModel(nn.Module):
         With a cache, the positions follow the cached ones; when the sequence crosses the rope
         threshold, the cached keys are recomputed with the other factor set first.
         """
+        (h,) = self.run([self._sequence_span(embeddings, cache)])
+        return h[:, -embeddings.shape[1] :]
+
+    def _sequence_span(self, embeddings: mx.array, cache: PromptCache | None) -> Span:
+        """The span of a forward over one sequence's cache (its rope state advanced)."""
         length = embeddings.shape[1]
         if cache is None:
-            return self.run(embeddings, None, 0, self.rope.rotation(length))
+            return Span(embeddings, None, 0, self.rope.rotation(length))
         rope = cache.rope
         offset = cache.offset
         rotation = self.rope.rotation(max(offset + length, rope.expected))
@@ -411,7 +451,7 @@ class LanguageModel(nn.Module):
             offset = 0
         rope.append(h)
         rope.long = rotation.long
-        return self.run(h, cache, offset, rotation)[:, -length:]
+        return Span(h, cache, offset, rotation)
 
     def logits(self, h: mx.array) -> mx.array:
         """The LM head over final hidden states (the token embeddings when they are tied)."""
@@ -434,6 +474,26 @@ class LanguageModel(nn.Module):
         generation would; a row whose length crosses the rope threshold has its cached keys
         recomputed with the other factors first, exactly as a solo cache is rebuilt.
         """
+        (h,) = self.run([self._batch_span(embeddings, cache)])
+        return self.logits(h[:, -1:])
+
+    def mixed(
+        self,
+        embeddings: mx.array,
+        cache: PromptCache,
+        batch_embeddings: mx.array,
+        batch_cache: list[Any],
+    ) -> tuple[mx.array, mx.array]:
+        """One forward over a piece of a sequence's prompt and a batch step together (their
+        positions share every weight read): the piece's hidden states, as :meth:`hidden` gives
+        them, and the batch's last-position logits, as :meth:`batch_logits` gives them."""
+        sequence = self._sequence_span(embeddings, cache)
+        h, batch_h = self.run([sequence, self._batch_span(batch_embeddings, batch_cache)])
+        return h[:, -embeddings.shape[1] :], self.logits(batch_h[:, -1:])
+
+    def _batch_span(self, embeddings: mx.array, cache: list[Any]) -> Span:
+        """The span of a batch step (its rows' rope states advanced, keys recomputed where a
+        row crosses the rope threshold)."""
         *layers, ropes = cache
         lengths = [rope.length + embeddings.shape[1] for rope in ropes.states]
         rotations = [self.rope.rotation(n) for n in lengths]
@@ -442,8 +502,7 @@ class LanguageModel(nn.Module):
                 self._recompute_keys(row, layers, rope, rotation.long)
         for row, rope in enumerate(ropes.states):
             rope.append(embeddings[row : row + 1])
-        h = self.run(embeddings, layers, layers[0].offset, batch_rotation(rotations))
-        return self.logits(h[:, -1:])
+        return Span(embeddings, layers, layers[0].offset, batch_rotation(rotations))
 
     def _recompute_keys(self, row: int, layers: list[Any], rope: RopeState, long: bool) -> None:
         """Rewrite one row's cached keys and values with the ``long`` factor set."""
@@ -465,18 +524,19 @@ class LanguageModel(nn.Module):
         as a forward over that row alone would be; with ``checkpoint`` each layer is recomputed
         in the backward pass instead of kept."""
         rotation = batch_rotation([self.rope.rotation(n) for n in lengths])
-        mask = create_attention_mask(embeddings, None, window_size=self._window(embeddings, None))
+        span = Span(embeddings, None, 0, rotation)
+        span.mask = create_attention_mask(embeddings, None, self._window(embeddings, None))
         h = embeddings
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if checkpoint:
 
-                def run(params: Any, x: mx.array, layer: nn.Module = layer) -> mx.array:
+                def run(params: Any, x: mx.array, layer: nn.Module = layer, i: int = i) -> mx.array:
                     layer.update(params)
-                    return type(layer).__call__(layer, x, mask, None, 0, rotation)
+                    return type(layer).__call__(layer, x, [span], i)
 
                 h = mx.checkpoint(run)(layer.trainable_parameters(), h)
             else:
-                h = layer(h, mask, None, 0, rotation)
+                h = layer(h, [span], i)
         return self.norm(h)
 
 

@@ -90,6 +90,16 @@ class LanguageModel(Phi3LanguageModel):
         with using(rows if any(rows) else None):
             return super().batch_logits(embeddings, cache)
 
+    def mixed(
+        self,
+        embeddings: mx.array,
+        cache: PromptCache,
+        batch_embeddings: mx.array,
+        batch_cache: list[Any],
+    ) -> tuple[mx.array, mx.array]:
+        # apart: the adapters are chosen per row of a forward, and a mixed one has one row
+        return self.hidden(embeddings, cache), self.batch_logits(batch_embeddings, batch_cache)
+
     def _recompute_keys(self, row: int, layers: list[Any], rope: RopeState, long: bool) -> None:
         with using(rope.adapter):
             super()._recompute_keys(row, layers, rope, long)
