@@ -24,9 +24,11 @@ from .generate import (
     AnswerText,
     GenerationResult,
     SamplingOptions,
+    begin_reading,
     make_logits_processors,
     make_sampler,
-    read_prompt,
+    prompt_pieces,
+    settle,
 )
 from .memory import PeakMemory, wired_limit
 from .models.base import DecoderModel, media_slots
@@ -93,15 +95,37 @@ class RowEvent:
     cache: PromptCache | None = None
 
 
+@dataclass
+class Carried:
+    """A piece of one sequence's prompt that goes through the model with the next batch step;
+    ``hidden`` holds its hidden states once it has."""
+
+    embeddings: mx.array
+    cache: PromptCache
+    hidden: mx.array | None = None
+
+
 class BatchStep:
     """What mlx-lm's ``BatchGenerator`` calls: each row's last token [B, 1] and the batch cache
-    (per-layer ``BatchKVCache``, then the rows' :class:`RopeRows`)."""
+    (per-layer ``BatchKVCache``, then the rows' :class:`RopeRows`). A piece of prompt handed
+    over with :meth:`carry` is read in the same forward as the next step (``mixed``)."""
 
     def __init__(self, model: DecoderModel):
         self.model = model
+        self.carried: Carried | None = None
+
+    def carry(self, embeddings: mx.array, cache: PromptCache) -> Carried:
+        self.carried = Carried(embeddings, cache)
+        return self.carried
 
     def __call__(self, inputs: mx.array, cache: list[Any]) -> mx.array:
-        return self.model.batch_logits(self.model.embed_tokens(inputs), cache)
+        embeddings = self.model.embed_tokens(inputs)
+        carried, self.carried = self.carried, None
+        if carried is None:
+            return self.model.batch_logits(embeddings, cache)
+        carried.hidden, logits = self.model.mixed(carried.embeddings, carried.cache,
+                                                  embeddings, cache)  # fmt: skip
+        return logits
 
 
 class StopStrings:
@@ -166,7 +190,7 @@ class _Row:
     missing: list[int] = field(default_factory=list)  # media the feature store lacks
     features: list[mx.array | None] = field(default_factory=list)
     embeddings: mx.array | None = None  # positions prefix.. of the prompt
-    reading: Iterator[int] | None = None
+    pieces: list[tuple[int, int]] = field(default_factory=list)  # of those, still to read
     done: int = 0  # of those, read into the cache
     answer: AnswerText | None = None
     stops: StopStrings | None = None
@@ -206,9 +230,10 @@ class BatchEngine:
     encoders on their media (the images of all admitted rows through the vision tower together,
     only real crops), reads prompts into their caches and runs one decoding step of every row,
     returning what happened to each row. With ``interleave``, a step does one piece of prompt
-    work before decoding, one row's encoder run or one prompt chunk (what a server wants:
-    answers in flight keep flowing); without it every admitted prompt is read first
-    (throughput). ``features`` keeps image features between requests.
+    work with its decoding, one row's encoder run or one prompt chunk (what a server wants:
+    answers in flight keep flowing), the chunk in the same forward as the decoding step where
+    the model can; without it every admitted prompt is read first (throughput). ``features``
+    keeps image features between requests.
     """
 
     def __init__(
@@ -228,8 +253,9 @@ class BatchEngine:
         self.interleave = interleave
         self.features = features
         stops = sorted(AnswerText(processor).stops)
+        self._step_model = BatchStep(model)
         self._generator = BatchGenerator(
-            BatchStep(model),
+            self._step_model,
             stop_tokens=[[t] for t in stops],
             completion_batch_size=batch_size,
             prefill_batch_size=batch_size,
@@ -291,10 +317,11 @@ class BatchEngine:
         with mx.stream(generation_stream):
             started = time.perf_counter()
             self._admit(events)
-            if self.interleave:  # one encoder run or one prompt chunk, then decode
+            carried = None
+            if self.interleave:  # one encoder run or one prompt chunk, with the decoding
                 encoded = False if self._reading else self._encode(events, first_only=True)
                 if self._reading and not encoded:
-                    self._read(self._reading[0], events)
+                    carried = self._read_or_carry(self._reading[0], events)
             else:
                 self._encode(events, first_only=False)
                 while self._reading:
@@ -302,9 +329,25 @@ class BatchEngine:
             decoding = time.perf_counter()
             self.stats.prompt_seconds += decoding - started
             if self._decoding:
-                self.stats.decode_tokens += self._decode(events)
+                try:
+                    self.stats.decode_tokens += self._decode(events)
+                finally:
+                    self._step_model.carried = None
                 self.stats.decode_seconds += time.perf_counter() - decoding
+            if carried is not None:
+                row, piece = carried
+                self._read(row, events, piece.hidden)
         return events
+
+    def _read_or_carry(self, row: _Row, events: list[RowEvent]) -> tuple[_Row, Carried] | None:
+        """Hand the row's next piece of prompt to the coming decoding step, or, with no row
+        decoding (or no first token to draw), read it now."""
+        last = len(row.pieces) == 1
+        if not self._decoding or (last and not row.options.max_tokens):
+            self._read(row, events)
+            return None
+        start, end = row.pieces[0]
+        return row, self._step_model.carry(row.embeddings[:, start:end], row.cache)
 
     def close(self) -> None:
         """Drop every row and give the wired limit back."""
@@ -367,7 +410,9 @@ class BatchEngine:
                 row.embeddings = self.model.merge(
                     mx.array([row.ids]), row.features, start=row.prefix
                 )
-                row.reading = read_prompt(self.model, row.embeddings, row.cache, row.options)
+                begin_reading(row.cache, row.embeddings)
+                step = row.options.prefill_step_size
+                row.pieces = prompt_pieces(row.embeddings.shape[1], step)
             except Exception as e:
                 self._fail(row, e, events)
                 continue
@@ -453,17 +498,25 @@ class BatchEngine:
             row.features[k] = known
         return missing
 
-    def _read(self, row: _Row, events: list[RowEvent]) -> None:
-        """Read one chunk of a row's prompt; after its last, draw the row's first token as
-        ``generate()`` does and let it join the decoding rows. A row whose reading raises
-        ends with its error."""
+    def _read(self, row: _Row, events: list[RowEvent], hidden: mx.array | None = None) -> None:
+        """Read the next piece of a row's prompt (``hidden``: its hidden states, when it was
+        read along with a decoding step); after its last, draw the row's first token as
+        ``generate()`` does and let it join the decoding rows. A row whose reading raises ends
+        with its error."""
+        start, end = row.pieces[0]
         try:
-            done = next(row.reading, None)
-            if done is not None:
-                row.done = done
-                return
+            if len(row.pieces) == 1 and not row.options.max_tokens:
+                token = None
+            else:
+                if hidden is None:
+                    hidden = self.model.hidden(row.embeddings[:, start:end], row.cache)
+                if len(row.pieces) > 1:
+                    settle(row.cache, self.model, row.options)
+                    row.pieces.pop(0)
+                    row.done = end
+                    return
+                token = self._first_token(row, hidden)
             self._reading.popleft()
-            token = self._first_token(row) if row.options.max_tokens else None
         except Exception as e:
             if self._reading and self._reading[0] is row:
                 self._reading.popleft()
@@ -488,10 +541,9 @@ class BatchEngine:
         row.uid, row.cache = uid, None  # the generator merges it into the batch's cache
         self._decoding[uid] = row
 
-    def _first_token(self, row: _Row) -> int:
-        """Read the last chunk of a row's prompt and draw its first token."""
-        tail = row.embeddings[:, row.done :]
-        logits = self.model.logits(self.model.hidden(tail, row.cache)[:, -1:])[:, -1, :]
+    def _first_token(self, row: _Row, hidden: mx.array) -> int:
+        """Draw a row's first token from the hidden states of its prompt's last piece."""
+        logits = self.model.logits(hidden[:, -1:])[:, -1, :]
         self.stats.prompt_tokens += len(row.ids) - row.prefix
         seen = row.prefix + row.done  # the positions the cache held before this forward
         row.processors = make_logits_processors(row.options, before=row.ids[:seen])
@@ -501,7 +553,7 @@ class BatchEngine:
         row.sampler = make_sampler(row.options)
         token = int(row.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).item())
         row.first_token_at = time.perf_counter()
-        row.embeddings = row.reading = None
+        row.embeddings = None
         return token
 
     def _decode(self, events: list[RowEvent]) -> int:

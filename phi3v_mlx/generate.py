@@ -206,6 +206,29 @@ class AnswerText:
         return self.detokenizer.last_segment
 
 
+def prompt_pieces(length: int, step: int) -> list[tuple[int, int]]:
+    """The pieces ``(start, end)`` a prompt of ``length`` positions is read in: chunks of
+    ``step`` positions, then a last piece of at most ``step`` that ends with the prompt's last
+    position (the forward that also gives the first logits)."""
+    last = (length - 1) // step * step
+    return [(start, min(start + step, last)) for start in range(0, last, step)] + [(last, length)]
+
+
+def begin_reading(cache: PromptCache, embeddings: mx.array) -> None:
+    """Tell ``cache`` how long the prompt it is about to read is (``embeddings`` [1, T,
+    hidden]), so that every piece of it is rotated as the whole prompt will be."""
+    cache.rope.expected = cache.offset + embeddings.shape[1]
+
+
+def settle(cache: PromptCache, model: DecoderModel, options: SamplingOptions) -> None:
+    """Evaluate what a piece of prompt wrote into ``cache`` (quantized with ``kv_bits``) and
+    give the memory of its intermediates back."""
+    if options.kv_bits:
+        maybe_quantize_kv_cache(cache, 0, kv_group_size(model), options.kv_bits)
+    mx.eval([layer.state for layer in cache])
+    mx.clear_cache()
+
+
 def prefill(
     model: DecoderModel,
     embeddings: mx.array,
@@ -218,28 +241,23 @@ def prefill(
     the whole prompt will be; after each, yield the positions read so far and the chunk's
     final-norm hidden states (not evaluated). Stopping between chunks leaves the cache holding
     them."""
-    total = embeddings.shape[1]
-    end = total if end is None else end
-    cache.rope.expected = cache.offset + total
+    end = embeddings.shape[1] if end is None else end
+    begin_reading(cache, embeddings)
     step = options.prefill_step_size
     for start in range(0, end, step):
         done = min(start + step, end)
         h = model.hidden(embeddings[:, start:done], cache)
-        if options.kv_bits:
-            maybe_quantize_kv_cache(cache, 0, kv_group_size(model), options.kv_bits)
-        mx.eval([layer.state for layer in cache])
-        mx.clear_cache()
+        settle(cache, model, options)
         yield done, h
 
 
 def read_prompt(
     model: DecoderModel, embeddings: mx.array, cache: PromptCache, options: SamplingOptions
 ) -> Iterator[int]:
-    """:func:`prefill` of all but the prompt's last chunk (at most ``prefill_step_size``
-    positions, ending with the last one: the forward that also yields the first logits reads
-    it), yielding the number of positions read after each chunk."""
-    step = options.prefill_step_size
-    last = (embeddings.shape[1] - 1) // step * step
+    """:func:`prefill` of all but the prompt's last piece (see :func:`prompt_pieces`: the
+    forward that also yields the first logits reads it), yielding the number of positions read
+    after each chunk."""
+    last, _ = prompt_pieces(embeddings.shape[1], options.prefill_step_size)[-1]
     for done, _ in prefill(model, embeddings, cache, options, last):
         yield done
 

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -404,3 +405,46 @@ def test_interleaved_engine_keeps_decoding_while_image_prompts_arrive(monkeypatc
         want = phi3v_mlx.generate(model, processor, look, [picture], 2, max_tokens=24,
                                   prefill_step_size=64)  # fmt: skip
         assert ended[row].tokens == want.tokens
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["tiny-phi35v", "tiny-phi3-4k", "tiny-phi35-moe", "tiny-phi4-mini", "tiny-phi3-small"],
+)
+def test_prompt_pieces_are_read_in_the_decoding_steps(variant, monkeypatch):
+    """In an interleaved engine, prompts that arrive while a row decodes are read piece by piece
+    in the same forwards as the decoding steps where the decoder can (Phi-3 decoders: one
+    weight read per step; Phi-3-small reads them apart): the running row gets a token at every
+    step, and every answer is still generate()'s."""
+    model, processor = load_variant(variant)
+    together = []
+    if hasattr(model.language, "mixed"):
+        original = type(model.language).mixed
+
+        def counting(self, embeddings, *args):
+            together.append(embeddings.shape[1])
+            return original(self, embeddings, *args)
+
+        monkeypatch.setattr(type(model.language), "mixed", counting)
+    running_ids = list(range(100, 140))
+    arriving = [list(range(200 + i, 290 + i)) for i in range(2)]  # 6 pieces of at most 16
+    options = SamplingOptions(max_tokens=12, prefill_step_size=16)
+    engine = phi3v_mlx.BatchEngine(model, processor, batch_size=4, interleave=True)
+    running = engine.submit(Request(running_ids), replace(options, max_tokens=24))
+    while not engine.step():
+        pass
+    rows = [engine.submit(Request(ids), options) for ids in arriving]
+    ended, steps_without_a_token = {}, 0
+    while engine.pending():
+        events = engine.step()
+        if running not in ended:
+            steps_without_a_token += not any(e.row == running for e in events)
+        ended.update({e.row: e.result for e in events if e.result is not None})
+    engine.close()
+    assert steps_without_a_token == 0
+    if hasattr(model.language, "mixed"):
+        assert together == [16] * 5 + [10] + [16] * 5 + [10]
+    for row, ids in zip([running, *rows], [running_ids, *arriving], strict=True):
+        limit = 24 if row == running else 12
+        want = phi3v_mlx.generate(model, processor, ids, max_tokens=limit, prefill_step_size=16)
+        assert ended[row].tokens == want.tokens, row
