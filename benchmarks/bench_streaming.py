@@ -1,12 +1,13 @@
 """A running answer while image prompts arrive: the server's engine reading prompts in pieces
-between decoding steps, against reading every admitted prompt whole first.
+with the decoding steps, against reading every admitted prompt whole first.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         python benchmarks/bench_streaming.py --checkpoint /work/ckpt/phi35v-8l-f32
 
 One text answer is decoding when seven picture prompts (1280x960, one question each) arrive at
 once. ``pieces`` is the engine as ``phi3v serve`` runs it (``interleave``: each step one row's
-vision run or one prompt chunk, then a decoding step of every row); ``whole`` reads every
+vision run or one prompt chunk, and a decoding step of every row, in the chunk's forward where
+the decoder can); ``whole`` reads every
 admitted prompt, images and all, before decoding again (the engine before chunked prefill). Each
 side runs in a fresh process, the sides alternating. Reported: the longest gap between two
 tokens of the running answer until the last picture's first token, time to first token of the
