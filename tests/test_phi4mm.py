@@ -14,6 +14,7 @@ from PIL import Image
 
 import phi3v_mlx
 from phi3v_mlx.cache import RopeState
+from phi3v_mlx.generate import SamplingOptions
 from phi3v_mlx.models.phi4mm import ModelConfig, load_processor
 from phi3v_mlx.models.phi4mm.adapters import using
 from phi3v_mlx.models.phi4mm.images import crop_grid
@@ -455,3 +456,45 @@ def test_a_4bit_conversion_keeps_the_adapters_16bit_and_reloads(tmp_path):
     inputs, gold = golden("d")
     logits = model(input_ids=inputs["input_ids"], **media(inputs))
     assert int(mx.argmax(logits[0, -1])) == int(gold["argmax"][-1])
+
+
+def test_prompt_pieces_ride_with_rows_of_other_adapters(model, processor, monkeypatch):
+    """In an interleaved engine, an image prompt (vision adapter) and a recording (speech
+    adapter) arriving while a text answer (no adapter) decodes are read in the decoding steps'
+    forwards, each position with its own adapter, and every answer is generate()'s."""
+    together = []
+    original = type(model.language).mixed
+
+    def counting(self, embeddings, *args):
+        together.append(embeddings.shape[1])
+        return original(self, embeddings, *args)
+
+    monkeypatch.setattr(type(model.language), "mixed", counting)
+    clip = FIXTURES / "audio" / "speech16k_1p0s.wav"
+    image = Image.open(FIXTURES / "images" / "d_tiny.png")
+
+    def chat(*parts):
+        return processor.apply_chat_template([{"role": "user", "content": [*parts, {
+            "type": "text", "text": "What is it?"}]}])  # fmt: skip
+
+    talk = phi3v_mlx.Request(chat(), options={"max_tokens": 30})
+    arriving = [phi3v_mlx.Request(chat({"type": "image"}), images=[image]),
+                phi3v_mlx.Request(chat({"type": "audio"}), audios=[clip])]  # fmt: skip
+    options = SamplingOptions(max_tokens=4, prefill_step_size=64, temperature=0.0)
+    engine = phi3v_mlx.BatchEngine(model, processor, batch_size=4, interleave=True)
+    running = engine.submit(talk, SamplingOptions(max_tokens=30, temperature=0.0))
+    while not engine.step():
+        pass
+    rows = [engine.submit(request, options) for request in arriving]
+    ended = {}
+    while engine.pending():
+        ended.update({e.row: e.result for e in engine.step() if e.result is not None})
+    engine.close()
+    assert len(together) >= 6  # the image prompt alone is 6 pieces of 64
+    for row, request, limit in zip([running, *rows], [talk, *arriving], [30, 4, 4], strict=True):
+        alone = phi3v_mlx.generate(
+            model, processor, request.prompt, images=list(request.images) or None,
+            audios=list(request.audios) or None, max_tokens=limit, prefill_step_size=64,
+            temperature=0.0,
+        )  # fmt: skip
+        assert ended[row].tokens == alone.tokens, row

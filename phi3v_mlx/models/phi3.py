@@ -171,12 +171,15 @@ class Rotation:
 class Span:
     """Rows that one forward over the decoder reads together: their input embeddings
     [B, L, hidden] at positions ``offset``.. (one per row, or shared) of their layer caches
-    (None: no cache), rotated by ``rotation``, and the attention mask the forward gives them."""
+    (None: no cache), rotated by ``rotation``, the modality adapter their caches record (one
+    name, one per row, or None; see ``PromptCache.adapter``), and the attention mask the forward
+    gives them."""
 
     h: mx.array
     caches: Sequence[Any] | None
     offset: int | mx.array
     rotation: Rotation
+    adapters: str | tuple[str | None, ...] | None = None
     mask: Any = None
 
 
@@ -451,7 +454,7 @@ class LanguageModel(nn.Module):
             offset = 0
         rope.append(h)
         rope.long = rotation.long
-        return Span(h, cache, offset, rotation)
+        return Span(h, cache, offset, rotation, cache.adapter)
 
     def logits(self, h: mx.array) -> mx.array:
         """The LM head over final hidden states (the token embeddings when they are tied)."""
@@ -502,7 +505,11 @@ class LanguageModel(nn.Module):
                 self._recompute_keys(row, layers, rope, rotation.long)
         for row, rope in enumerate(ropes.states):
             rope.append(embeddings[row : row + 1])
-        return Span(embeddings, layers, layers[0].offset, batch_rotation(rotations))
+        adapters = tuple(rope.adapter for rope in ropes.states)
+        rotation = batch_rotation(rotations)
+        return Span(
+            embeddings, layers, layers[0].offset, rotation, adapters if any(adapters) else None
+        )
 
     def _recompute_keys(self, row: int, layers: list[Any], rope: RopeState, long: bool) -> None:
         """Rewrite one row's cached keys and values with the ``long`` factor set."""

@@ -23,7 +23,8 @@ TARGETS = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_
 # A PEFT folder's tensor (no adapter name) -> the same tensor named for its adapter.
 PEFT_TENSOR = re.compile(r"^(?:base_model\.model\.)?(.*\.lora_[AB])\.weight$")
 
-# The adapter of the forward being built: None, one name for every row, or one per row.
+# The adapter of the forward being built: None, one name for every row, one per row, or one per
+# position of a forward over several spans of rows (their positions one after another).
 Selection = str | tuple[str | None, ...] | None
 _selection: ContextVar[Selection] = ContextVar("phi4mm_adapter", default=None)
 
@@ -31,7 +32,8 @@ _selection: ContextVar[Selection] = ContextVar("phi4mm_adapter", default=None)
 @contextmanager
 def using(selection: Selection) -> Iterator[None]:
     """Forwards built inside run with ``selection``: no adapter (None), one adapter for every row
-    (its name), or one per row of the batch (a tuple of names or None)."""
+    (its name), or one per row of the batch or per position of a [1, N, ...] input (a tuple of
+    names or None)."""
     token = _selection.set(selection)
     try:
         yield
@@ -63,11 +65,15 @@ class AdapterLinear(nn.Module):
             return y
         if isinstance(selection, str):
             return y + self.delta(x, selection).astype(y.dtype)
-        if len(selection) != x.shape[0]:
-            raise ValueError(f"{len(selection)} adapter choices for a batch of {x.shape[0]} rows")
+        if len(selection) == x.shape[0]:  # one per row
+            shape = (-1, *[1] * (x.ndim - 1))
+        elif x.shape[0] == 1 and len(selection) == x.shape[1]:  # one per position
+            shape = (1, -1, *[1] * (x.ndim - 2))
+        else:
+            raise ValueError(f"{len(selection)} adapter choices for inputs of shape {x.shape}")
         for name in sorted({s for s in selection if s is not None}):
-            rows = mx.array([s == name for s in selection]).reshape(-1, *[1] * (x.ndim - 1))
-            y = y + mx.where(rows, self.delta(x, name), 0).astype(y.dtype)
+            chosen = mx.array([s == name for s in selection]).reshape(shape)
+            y = y + mx.where(chosen, self.delta(x, name), 0).astype(y.dtype)
         return y
 
 

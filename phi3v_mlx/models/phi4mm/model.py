@@ -6,7 +6,7 @@ speech for audio alone), on every position of the sequence."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import mlx.core as mx
@@ -15,6 +15,7 @@ import numpy as np
 from ...cache import PromptCache, RopeState
 from ..base import DecoderModel
 from ..phi3 import LanguageModel as Phi3LanguageModel
+from ..phi3 import Span
 from . import conformer
 from .adapters import ADAPTERS, TARGETS, attach, using
 from .config import ModelConfig
@@ -75,30 +76,23 @@ ADAPTER_MATRIX = re.compile(r"\.lora_[AB]\.\w+$")
 
 
 class LanguageModel(Phi3LanguageModel):
-    """The Phi-4-mini decoder; a forward over a sequence's cache runs the adapter recorded on
-    the cache, a batch step the adapter of each row."""
+    """The Phi-4-mini decoder; a forward runs the adapter each span's cache records (the rows of
+    a batch step each their own; a forward without one, the adapter the caller chose)."""
 
-    def hidden(self, embeddings: mx.array, cache: PromptCache | None = None) -> mx.array:
-        key = None if cache is None else cache.adapter
-        if key is None:
-            return super().hidden(embeddings, cache)
-        with using(key):
-            return super().hidden(embeddings, cache)
-
-    def batch_logits(self, embeddings: mx.array, cache: list[Any]) -> mx.array:
-        rows = tuple(state.adapter for state in cache[-1].states)
-        with using(rows if any(rows) else None):
-            return super().batch_logits(embeddings, cache)
-
-    def mixed(
-        self,
-        embeddings: mx.array,
-        cache: PromptCache,
-        batch_embeddings: mx.array,
-        batch_cache: list[Any],
-    ) -> tuple[mx.array, mx.array]:
-        # apart: the adapters are chosen per row of a forward, and a mixed one has one row
-        return self.hidden(embeddings, cache), self.batch_logits(batch_embeddings, batch_cache)
+    def run(self, spans: Sequence[Span]) -> list[mx.array]:
+        if len(spans) == 1:
+            if spans[0].adapters is None:
+                return super().run(spans)
+            with using(spans[0].adapters):
+                return super().run(spans)
+        positions = []  # several spans' positions go through the linears one after another
+        for span in spans:
+            rows, length = span.h.shape[:2]
+            chosen = span.adapters
+            chosen = chosen if isinstance(chosen, tuple) else (chosen,) * rows
+            positions += [key for key in chosen for _ in range(length)]
+        with using(tuple(positions) if any(positions) else None):
+            return super().run(spans)
 
     def _recompute_keys(self, row: int, layers: list[Any], rope: RopeState, long: bool) -> None:
         with using(rope.adapter):
