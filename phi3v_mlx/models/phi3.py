@@ -183,6 +183,26 @@ class Span:
     mask: Any = None
 
 
+def join_spans(parts: Sequence[mx.array]) -> mx.array:
+    """One span's [B, L, ...] as it is, or several spans' positions one after another
+    [1, N, ...]."""
+    if len(parts) == 1:
+        return parts[0]
+    return mx.concatenate([part.reshape(1, -1, *part.shape[2:]) for part in parts], axis=1)
+
+
+def split_spans(x: mx.array, spans: Sequence[Span]) -> list[mx.array]:
+    """Each span's [B, L, ...] of what :func:`join_spans` joined."""
+    if len(spans) == 1:
+        return [x]
+    out, start = [], 0
+    for span in spans:
+        rows, length = span.h.shape[:2]
+        out.append(x[:, start : start + rows * length].reshape(rows, length, *x.shape[2:]))
+        start += rows * length
+    return out
+
+
 class SuScaledRope:
     """Rotary frequencies for short and long sequences, and the threshold between them."""
 
@@ -269,16 +289,9 @@ class Attention(nn.Module):
             )
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if len(spans) == 1:
-            return self.o_proj(self._attend(q, k, v, spans[0], layer))
-        outs, start = [], 0
-        for span in spans:
-            rows, length = span.h.shape[:2]
-            end = start + rows * length
-            part = [t[:, start:end].reshape(rows, length, -1) for t in (q, k, v)]
-            outs.append(self._attend(*part, span, layer).reshape(1, end - start, -1))
-            start = end
-        return self.o_proj(mx.concatenate(outs, axis=1))
+        parts = zip(*(split_spans(t, spans) for t in (q, k, v)), strict=True)
+        outs = [self._attend(*part, span, layer) for part, span in zip(parts, spans, strict=True)]
+        return self.o_proj(join_spans(outs))
 
     def _attend(self, q: mx.array, k: mx.array, v: mx.array, span: Span, layer: int) -> mx.array:
         """Attention [B, L, heads x head_dim] of one span's projections [B, L, width]."""
@@ -405,21 +418,10 @@ class LanguageModel(nn.Module):
             span.mask = create_attention_mask(
                 span.h, first, window_size=self._window(span.h, first)
             )
-        if len(spans) == 1:
-            h = spans[0].h
-        else:
-            h = mx.concatenate([span.h.reshape(1, -1, span.h.shape[-1]) for span in spans], 1)
+        h = join_spans([span.h for span in spans])
         for i, layer in enumerate(self.layers):
             h = layer(h, spans, i)
-        h = self.norm(h)
-        if len(spans) == 1:
-            return [h]
-        outs, start = [], 0
-        for span in spans:
-            rows, length = span.h.shape[:2]
-            outs.append(h[:, start : start + rows * length].reshape(rows, length, -1))
-            start += rows * length
-        return outs
+        return split_spans(self.norm(h), spans)
 
     def _window(self, h: mx.array, layer_cache: Any) -> int | None:
         """The sliding window, when the keys of this forward can reach beyond it."""
